@@ -1,0 +1,1 @@
+"""Composition root: settings, wiring, the ``aigen`` CLI and the embedded demo worker."""

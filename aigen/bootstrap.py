@@ -1,0 +1,150 @@
+"""The composition root: the only module that wires settings, database, broker and handlers."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI
+from prometheus_client import CollectorRegistry
+from sqlalchemy import Engine, text
+
+from aigen.demo_worker import DemoWorker
+from aigen.metrics import PrometheusObserver
+from aigen.settings import Settings
+from api.app import ApiDeps, create_app
+from messaging.broker import Broker
+from messaging.consumer import ResultConsumer
+from messaging.inprocess import InProcessBroker
+from messaging.rabbitmq import RabbitBroker
+from messaging.relay import OutboxRelay
+from persistence.db import make_engine, migrate
+from persistence.outbox_store import SqlOutboxStore
+from persistence.uow import SqlIdempotency, SqlUnitOfWork
+from saga.handlers import SagaService, utcnow
+from saga.messages import RESULTS_QUEUE
+
+log = logging.getLogger(__name__)
+IDEMPOTENCY_RETENTION = timedelta(hours=48)
+
+
+class Sweeper:
+    """Fires passed deadlines; one per process, safe side by side (``SKIP LOCKED``)."""
+
+    def __init__(self, service: SagaService, engine: Engine, interval: float) -> None:
+        self.service = service
+        self.engine = engine
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="deadline-sweeper", daemon=True)
+        self._last_purge = 0.0
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                fired = self.service.fire_due()
+                self._purge_idempotency_keys()
+            except Exception:
+                log.exception("deadline sweep failed; retrying")
+                fired = 0
+            if fired == 0:
+                self._stop.wait(self.interval)
+
+    def _purge_idempotency_keys(self) -> None:
+        import time
+
+        if time.monotonic() - self._last_purge < 3600:
+            return
+        self._last_purge = time.monotonic()
+        with self.engine.connect() as conn, conn.begin():
+            SqlIdempotency(conn).purge(utcnow() - IDEMPOTENCY_RETENTION)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    engine: Engine
+    service: SagaService
+    broker: Broker
+    relay: OutboxRelay
+    consumer: ResultConsumer
+    sweeper: Sweeper
+    app: FastAPI
+    registry: CollectorRegistry
+    demo_worker: DemoWorker | None = None
+    _started: list[Any] = field(default_factory=list)
+
+    def start(self) -> None:
+        if isinstance(self.broker, RabbitBroker):
+            self.broker.start()
+        self.broker.consume(RESULTS_QUEUE, self.consumer.handle)
+        if self.demo_worker:
+            self.demo_worker.start()
+        self.relay.start()
+        self.sweeper.start()
+
+    def stop(self) -> None:
+        self.sweeper.stop()
+        self.relay.stop()
+        if self.demo_worker:
+            self.demo_worker.stop()
+        self.broker.close()
+        self.engine.dispose()
+
+
+def build(settings: Settings, *, broker: Broker | None = None, run_migrations: bool = True
+          ) -> Runtime:
+    db_url = settings.resolved_database_url
+    if run_migrations:
+        migrate(db_url)
+    engine = make_engine(db_url, pool_size=settings.db_pool_size)
+    registry = CollectorRegistry()
+    observer = PrometheusObserver(registry)
+    if broker is None:
+        broker = (InProcessBroker() if settings.embedded else RabbitBroker(
+            settings.amqp_url or "", prefetch=settings.consumer_prefetch,
+            workers=settings.consumer_workers,
+            on_unroutable=lambda exchange, _key: observer.count("unroutable", exchange=exchange)))
+
+    relay_ref: list[OutboxRelay] = []
+
+    def uow_factory() -> SqlUnitOfWork:
+        return SqlUnitOfWork(engine, after_commit=lambda: relay_ref[0].wake())
+
+    service = SagaService(uow_factory, settings.saga_config(), observer=observer)
+    store = SqlOutboxStore(engine)
+    relay = OutboxRelay(store, broker, observer, batch_size=settings.relay_batch_size)
+    relay_ref.append(relay)
+    consumer = ResultConsumer(service, broker, observer)
+    sweeper = Sweeper(service, engine, settings.sweeper_interval_s)
+    observer.gauge("aigen_outbox_backlog", "Outbox rows not yet confirmed by the broker",
+                   store.backlog)
+
+    def database_ready() -> bool:
+        with engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+        return True
+
+    demo_worker = None
+    assets_dir: Path | None = None
+    if settings.run_demo_worker:
+        assets_dir = settings.data_dir / "assets"
+        public = settings.public_url or f"http://{settings.http_host}:{settings.http_port}"
+        demo_worker = DemoWorker(broker, assets_dir, public, settings.demo_delay_s)
+    app = create_app(ApiDeps(
+        service=service, api_keys=settings.resolved_api_keys(),
+        readiness={"database": database_ready, "broker": broker.healthy},
+        registry=registry, assets_dir=assets_dir))
+    return Runtime(settings, engine, service, broker, relay, consumer, sweeper, app, registry,
+                   demo_worker)

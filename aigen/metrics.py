@@ -1,0 +1,44 @@
+"""Prometheus metrics: the saga's counters plus gauges read at scrape time."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+_COUNTERS = {
+    "results": ("aigen_results_total", "Results from n8n by type and outcome",
+                ["event_type", "outcome"]),
+    "dead_lettered": ("aigen_results_dead_lettered_total", "Results dead-lettered", ["reason"]),
+    "transitions": ("aigen_transitions_total", "Saga triggers fired", ["trigger"]),
+    "credits": ("aigen_credit_steps_total", "Credit steps", ["op"]),
+    "deadlines": ("aigen_deadlines_fired_total", "Timers fired by the sweeper", ["kind"]),
+    "concurrency_conflicts": ("aigen_concurrency_conflicts_total",
+                              "Optimistic-lock conflicts retried", []),
+    "compensations": ("aigen_compensations_total",
+                      "Releases deferred because billing did not answer", []),
+    "compensation_retries": ("aigen_compensation_retries_total",
+                             "Deferred releases retried without success", []),
+    "outbox_published": ("aigen_outbox_batches_total", "Outbox batches published", ["outcome"]),
+    "unroutable": ("aigen_unroutable_messages_total", "Messages no queue was bound for",
+                   ["exchange"]),
+}
+
+
+class PrometheusObserver:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self._counters = {
+            name: Counter(metric, doc, labels, registry=registry)
+            for name, (metric, doc, labels) in _COUNTERS.items()
+        }
+
+    def count(self, name: str, **labels: str) -> None:
+        counter = self._counters.get(name)
+        if counter is None:
+            return
+        (counter.labels(**labels) if labels else counter).inc()
+
+    def gauge(self, metric: str, doc: str, read: Callable[[], float]) -> None:
+        gauge = Gauge(metric, doc, registry=self.registry)
+        gauge.set_function(read)

@@ -1,0 +1,108 @@
+"""One typed settings object, read from ``AIGEN_*`` environment variables (contract §6)."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from decimal import Decimal
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from saga.model import SagaConfig
+from saga.pricing import PriceBook
+
+ROLES = ("service", "support")
+DEV_API_KEYS = "service:dev-service-key,support:dev-support-key"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="AIGEN_", extra="ignore")
+
+    data_dir: Path = Path(".aigen")
+    database_url: str = ""  # empty: an SQLite file in data_dir
+    amqp_url: str | None = None  # unset: in-process broker (single process only)
+    api_keys: str | None = None  # "role:key,role:key"
+    http_host: str = "127.0.0.1"
+    http_port: int = 8000
+    public_url: str | None = None  # base URL the demo worker puts in asset links
+
+    samples_deadline_s: float = Field(120, gt=0)
+    final_deadline_s: float = Field(600, gt=0)
+    selection_window_s: float = Field(86400, gt=0)
+    max_attempts: int = Field(3, ge=1)
+    retry_backoff_s: float = Field(1.0, ge=0)
+    retry_backoff_max_s: float = Field(30.0, ge=0)
+
+    price_sample_round: Decimal = Decimal("0.25")
+    price_final_standard: Decimal = Decimal("1.00")
+    price_final_high: Decimal = Decimal("2.00")
+    free_monthly_sample_rounds: int = Field(100, ge=0)
+    storage_bucket: str = "creativeflow-assets"
+
+    billing_url: str | None = None  # unset: the built-in ledger
+    billing_timeout_s: float = Field(2.0, gt=0)
+
+    demo_worker: bool | None = None  # default: on with the in-process broker
+    demo_delay_s: float = Field(0.5, ge=0)
+
+    sweeper_interval_s: float = Field(0.5, gt=0)
+    relay_batch_size: int = Field(500, ge=1)
+    consumer_prefetch: int = Field(200, ge=1)
+    consumer_workers: int = Field(4, ge=1)
+    db_pool_size: int = Field(10, ge=1)
+    log_level: str = "INFO"
+    log_json: bool = False
+
+    @field_validator("api_keys")
+    @classmethod
+    def _check_keys(cls, value: str | None) -> str | None:
+        if value:
+            parse_api_keys(value)
+        return value
+
+    @property
+    def embedded(self) -> bool:
+        return not self.amqp_url
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_dir / 'aigen.db'}"
+
+    @property
+    def run_demo_worker(self) -> bool:
+        return self.embedded if self.demo_worker is None else self.demo_worker
+
+    def resolved_api_keys(self) -> dict[str, str]:
+        """key -> role. Development keys only in the embedded mode; otherwise keys are required."""
+        if self.api_keys:
+            return parse_api_keys(self.api_keys)
+        if self.embedded:
+            return parse_api_keys(DEV_API_KEYS)
+        raise ValueError("AIGEN_API_KEYS must be set when AIGEN_AMQP_URL is set")
+
+    def saga_config(self) -> SagaConfig:
+        return SagaConfig(
+            samples_deadline=timedelta(seconds=self.samples_deadline_s),
+            final_deadline=timedelta(seconds=self.final_deadline_s),
+            selection_window=timedelta(seconds=self.selection_window_s),
+            max_attempts=self.max_attempts,
+            retry_backoff_base=timedelta(seconds=self.retry_backoff_s),
+            retry_backoff_max=timedelta(seconds=self.retry_backoff_max_s),
+            prices=PriceBook(self.price_sample_round, self.price_final_standard,
+                             self.price_final_high, self.free_monthly_sample_rounds),
+            bucket=self.storage_bucket,
+        )
+
+
+def parse_api_keys(value: str) -> dict[str, str]:
+    keys: dict[str, str] = {}
+    for pair in value.split(","):
+        pair = pair.strip()
+        if not pair:
+            continue
+        role, sep, key = pair.partition(":")
+        if not sep or role not in ROLES or not key:
+            raise ValueError(f"AIGEN_API_KEYS entries must be role:key with role in {ROLES}")
+        keys[key] = role
+    return keys

@@ -1,0 +1,1 @@
+"""REST API (contract §3): thin FastAPI routes that turn requests into saga commands."""

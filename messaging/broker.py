@@ -1,0 +1,71 @@
+"""The broker interface both adapters implement, and the contract topology (§4)."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Protocol
+
+from saga.messages import (
+    DEAD_LETTER_EXCHANGE,
+    DEAD_LETTER_QUEUE,
+    EVENTS_EXCHANGE,
+    GENERATION_EXCHANGE,
+    JOBS_QUEUE,
+    NOTIFICATION_EXCHANGE,
+    RESULTS_QUEUE,
+    OutboundMessage,
+)
+
+# (exchange, type) declared at start-up; all durable.
+EXCHANGES = [
+    (GENERATION_EXCHANGE, "topic"),
+    (NOTIFICATION_EXCHANGE, "topic"),
+    (EVENTS_EXCHANGE, "topic"),
+    (DEAD_LETTER_EXCHANGE, "fanout"),
+]
+# (queue, arguments, [(exchange, binding key)])
+QUEUES: list[tuple[str, dict[str, Any], list[tuple[str, str]]]] = [
+    (JOBS_QUEUE, {}, [(GENERATION_EXCHANGE, "generation.job.*")]),
+    (RESULTS_QUEUE, {"x-dead-letter-exchange": DEAD_LETTER_EXCHANGE},
+     [(GENERATION_EXCHANGE, "generation.result.#")]),
+    (DEAD_LETTER_QUEUE, {}, [(DEAD_LETTER_EXCHANGE, "")]),
+]
+
+
+@dataclass
+class Delivery:
+    body: bytes
+    routing_key: str
+    message_id: str | None = None
+    headers: dict[str, Any] = field(default_factory=dict)
+    redelivered: bool = False
+
+
+class Disposition(Enum):
+    ACK = "ack"  # done (applied, refused and recorded, or dead-lettered)
+    RETRY = "retry"  # transient failure (database down): give it back to the broker
+
+
+class Broker(Protocol):
+    def publish(self, messages: Sequence[OutboundMessage]) -> list[bool]:
+        """Publish and wait for the broker's confirms; one flag per message."""
+
+    def dead_letter(self, delivery: Delivery, reason: str) -> None:
+        """Send ``delivery`` to the dead-letter exchange with ``x-rejection-reason``."""
+
+    def consume(self, queue: str, handler: Callable[[Delivery], Disposition]) -> None:
+        """Start consuming ``queue`` in the background."""
+
+    def healthy(self) -> bool: ...
+
+    def close(self) -> None: ...
+
+
+def topic_matches(pattern: str, routing_key: str) -> bool:
+    """AMQP topic matching: ``*`` is one word, ``#`` zero or more."""
+    regex = "^" + re.escape(pattern).replace(r"\*", r"[^.]+").replace(r"\#", r".*") + "$"
+    regex = regex.replace(r"\..*", r"(\..*)?").replace(r".*\.", r"(.*\.)?")
+    return re.match(regex, routing_key) is not None

@@ -1,0 +1,87 @@
+"""An in-process broker with the same contract as the RabbitMQ adapter.
+
+For the embedded default (one process, no server) and unit tests: topic routing, durable-ish
+FIFO queues, one consumer thread per queue, dead-lettering into the DLQ.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable, Sequence
+
+from messaging.broker import EXCHANGES, QUEUES, Delivery, Disposition, topic_matches
+from saga.messages import DEAD_LETTER_EXCHANGE, OutboundMessage
+
+log = logging.getLogger(__name__)
+
+
+class InProcessBroker:
+    def __init__(self) -> None:
+        self.exchange_types = dict(EXCHANGES)
+        self.bindings: list[tuple[str, str, str]] = []  # (exchange, pattern, queue)
+        self.queues: dict[str, queue.Queue[Delivery]] = {}
+        self.published: list[OutboundMessage] = []  # everything sent, for tests and demos
+        self._threads: list[threading.Thread] = []
+        self._stop = threading.Event()
+        for name, _args, binds in QUEUES:
+            self.declare_queue(name, binds)
+
+    def declare_queue(self, name: str, binds: list[tuple[str, str]]) -> queue.Queue[Delivery]:
+        q = self.queues.setdefault(name, queue.Queue())
+        for exchange, pattern in binds:
+            self.bindings.append((exchange, pattern, name))
+        return q
+
+    def publish(self, messages: Sequence[OutboundMessage]) -> list[bool]:
+        for msg in messages:
+            self.published.append(msg)
+            self.route(msg.exchange, msg.routing_key,
+                       Delivery(msg.encode(), msg.routing_key, msg.message_id))
+        return [True] * len(messages)
+
+    def route(self, exchange: str, routing_key: str, delivery: Delivery) -> int:
+        fanout = self.exchange_types.get(exchange) == "fanout"
+        routed = 0
+        for ex, pattern, name in self.bindings:
+            if ex == exchange and (fanout or topic_matches(pattern, routing_key)):
+                self.queues[name].put(delivery)
+                routed += 1
+        return routed
+
+    def dead_letter(self, delivery: Delivery, reason: str) -> None:
+        headers = {**delivery.headers, "x-rejection-reason": reason}
+        self.route(DEAD_LETTER_EXCHANGE, delivery.routing_key,
+                   Delivery(delivery.body, delivery.routing_key, delivery.message_id, headers))
+
+    def consume(self, queue_name: str, handler: Callable[[Delivery], Disposition]) -> None:
+        q = self.queues[queue_name]
+
+        def run() -> None:
+            while not self._stop.is_set():
+                try:
+                    delivery = q.get(timeout=0.2)
+                except queue.Empty:
+                    continue
+                try:
+                    outcome = handler(delivery)
+                except Exception:
+                    log.exception("consumer handler failed")
+                    outcome = Disposition.RETRY
+                if outcome is Disposition.RETRY:
+                    delivery.redelivered = True
+                    self._stop.wait(1.0)
+                    q.put(delivery)
+
+        thread = threading.Thread(target=run, name=f"consume-{queue_name}", daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    def healthy(self) -> bool:
+        return not self._stop.is_set()
+
+    def close(self) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=2)

@@ -1,0 +1,82 @@
+"""The outbox relay: moves committed outbox rows to the broker, at least once.
+
+Rows are claimed in batches with ``SELECT … FOR UPDATE SKIP LOCKED`` (so several processes
+relay side by side), published with publisher confirms, and marked sent only once confirmed.
+While the broker is down the rows simply stay, and the relay backs off.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+from messaging.broker import Broker
+from saga.handlers import Observer
+from saga.messages import OutboundMessage
+
+log = logging.getLogger(__name__)
+
+Publish = Callable[[Sequence[OutboundMessage]], list[bool]]
+
+
+class OutboxStore(Protocol):
+    def relay_batch(self, limit: int, publish: Publish) -> int:
+        """Claim up to ``limit`` unsent rows, ``publish`` them, mark the confirmed ones sent.
+
+        Returns how many were claimed.
+        """
+
+
+class OutboxRelay:
+    def __init__(self, store: OutboxStore, broker: Broker, observer: Observer, *,
+                 batch_size: int = 500, idle_interval: float = 0.05,
+                 max_backoff: float = 5.0) -> None:
+        self.store = store
+        self.broker = broker
+        self.observer = observer
+        self.batch_size = batch_size
+        self.idle_interval = idle_interval
+        self.max_backoff = max_backoff
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def wake(self) -> None:
+        """Called after a commit that added outbox rows: relay now rather than at the next poll."""
+        self._wake.set()
+
+    def run_once(self) -> int:
+        return self.store.relay_batch(self.batch_size, self._publish)
+
+    def _publish(self, messages: Sequence[OutboundMessage]) -> list[bool]:
+        confirmed = self.broker.publish(messages)
+        sent = sum(confirmed)
+        self.observer.count("outbox_published", outcome="confirmed") if sent else None
+        return confirmed
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="outbox-relay", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        backoff = 0.0
+        while not self._stop.is_set():
+            try:
+                claimed = self.run_once()
+                backoff = 0.0
+            except Exception as exc:  # broker or database down: keep the rows, back off
+                backoff = min(max(backoff * 2, 0.2), self.max_backoff)
+                log.warning("outbox relay: %s; retrying in %.1fs", exc, backoff)
+                self._stop.wait(backoff)
+                continue
+            if claimed < self.batch_size:
+                self._wake.wait(self.idle_interval)
+                self._wake.clear()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread:
+            self._thread.join(timeout=5)

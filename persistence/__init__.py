@@ -1,0 +1,1 @@
+"""PostgreSQL/SQLite persistence: tables, migrations, the unit of work and the built-in ledger."""

@@ -1,0 +1,48 @@
+"""The database side of the outbox relay and the deadline sweeper's housekeeping."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+
+from sqlalchemy import Engine, func, select, update
+
+from persistence.tables import outbox
+from saga.messages import OutboundMessage
+
+
+class SqlOutboxStore:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def relay_batch(self, limit: int,
+                    publish: Callable[[Sequence[OutboundMessage]], list[bool]]) -> int:
+        with self.engine.connect() as conn, conn.begin():
+            rows = conn.execute(
+                select(outbox).where(outbox.c.sent_at.is_(None)).order_by(outbox.c.id)
+                .limit(limit).with_for_update(skip_locked=True)
+            ).all()
+            if not rows:
+                return 0
+            messages = [
+                OutboundMessage(r.exchange, r.routing_key, r.message_id, r.correlation_id,
+                                r.type, json.loads(r.body))
+                for r in rows
+            ]
+            confirmed = publish(messages)
+            now = datetime.now(UTC)
+            sent = [r.id for r, ok in zip(rows, confirmed, strict=True) if ok]
+            failed = [r.id for r, ok in zip(rows, confirmed, strict=True) if not ok]
+            if sent:
+                conn.execute(update(outbox).where(outbox.c.id.in_(sent))
+                             .values(sent_at=now, attempts=outbox.c.attempts + 1))
+            if failed:
+                conn.execute(update(outbox).where(outbox.c.id.in_(failed))
+                             .values(attempts=outbox.c.attempts + 1, last_error="not confirmed"))
+            return len(rows)
+
+    def backlog(self) -> int:
+        with self.engine.connect() as conn:
+            return int(conn.execute(select(func.count()).select_from(outbox)
+                                    .where(outbox.c.sent_at.is_(None))).scalar_one())

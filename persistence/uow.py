@@ -1,0 +1,211 @@
+"""Repositories and the SQL unit of work (one database transaction per command)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy import Connection, Engine, and_, delete, insert, or_, select, update
+
+from persistence.ledger import SqlLedger
+from persistence.sql import insert_ignore
+from persistence.tables import generation_events, generations, idempotency_keys, inbox, outbox
+from saga import intents as it
+from saga.errors import ConcurrencyConflict
+from saga.messages import OutboundMessage, iso
+from saga.model import Generation
+from saga.ports import (
+    Billing,
+    GenerationRepository,
+    HistoryRepository,
+    IdempotencyRace,
+    IdempotencyRecord,
+    IdempotencyStore,
+    Inbox,
+    Outbox,
+)
+
+# Saga attributes kept in the JSON body (the rest are columns or transient).
+_BODY_FIELDS = (
+    "project_id", "prompt", "negative_prompt", "format", "style", "brand", "input_assets",
+    "sample_count", "metadata", "samples", "selected_sample_id", "resolution", "final_asset",
+    "error", "stage", "attempt", "job_id", "hold", "round", "due_kind", "compensation",
+    "history_seq",
+)
+_MONEY_FIELDS = ("held", "charged", "released")
+
+
+def saga_to_row(saga: Generation) -> dict[str, Any]:
+    body = {name: getattr(saga, name) for name in _BODY_FIELDS}
+    body.update({name: str(getattr(saga, name)) for name in _MONEY_FIELDS})
+    return {
+        "id": saga.id, "user_id": saga.user_id, "state": saga.state,
+        "created_at": saga.created_at, "updated_at": saga.updated_at or saga.created_at,
+        "due_at": saga.due_at, "body": body,
+    }
+
+
+def saga_from_row(row: Any) -> Generation:
+    body = dict(row.body)
+    for name in _MONEY_FIELDS:
+        body[name] = Decimal(body.get(name, "0.00"))
+    known = {k: v for k, v in body.items() if k in _BODY_FIELDS or k in _MONEY_FIELDS}
+    return Generation(
+        id=row.id, user_id=row.user_id, state=row.state, version=row.version,
+        created_at=row.created_at, updated_at=row.updated_at, due_at=row.due_at, **known,
+    )
+
+
+class SqlGenerations:
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+
+    def get(self, generation_id: str, *, for_update: bool = False) -> Generation | None:
+        query = select(generations).where(generations.c.id == generation_id)
+        if for_update:
+            query = query.with_for_update()
+        row = self.conn.execute(query).first()
+        return saga_from_row(row) if row else None
+
+    def add(self, saga: Generation) -> None:
+        self.conn.execute(insert(generations).values(version=0, **saga_to_row(saga)))
+        saga.version = 0
+
+    def save(self, saga: Generation) -> None:
+        row = saga_to_row(saga)
+        del row["id"], row["created_at"]
+        result = self.conn.execute(
+            update(generations)
+            .where(generations.c.id == saga.id, generations.c.version == saga.version)
+            .values(version=saga.version + 1, **row)
+        )
+        if result.rowcount != 1:
+            raise ConcurrencyConflict(saga.id)
+        saga.version += 1
+
+    def claim_due(self, now: datetime) -> Generation | None:
+        row = self.conn.execute(
+            select(generations).where(generations.c.due_at <= now)
+            .order_by(generations.c.due_at).limit(1).with_for_update(skip_locked=True)
+        ).first()
+        return saga_from_row(row) if row else None
+
+    def search(self, *, user_id: str | None, state: str | None, limit: int,
+             after: tuple[datetime, str] | None) -> list[Generation]:
+        query = select(generations)
+        if user_id is not None:
+            query = query.where(generations.c.user_id == user_id)
+        if state is not None:
+            query = query.where(generations.c.state == state)
+        if after is not None:
+            at, last_id = after
+            query = query.where(or_(generations.c.created_at < at,
+                                    and_(generations.c.created_at == at,
+                                         generations.c.id < last_id)))
+        query = query.order_by(generations.c.created_at.desc(), generations.c.id.desc())
+        return [saga_from_row(r) for r in self.conn.execute(query.limit(limit))]
+
+
+class SqlHistory:
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+
+    def append(self, generation_id: str, seq: int, at: datetime, entry: it.HistoryEntry) -> None:
+        self.conn.execute(insert(generation_events).values(
+            generation_id=generation_id, seq=seq, at=at, kind=entry.kind,
+            trigger=entry.trigger, from_state=entry.from_state, to_state=entry.to_state,
+            actor=entry.actor, detail=entry.detail))
+
+    def events(self, generation_id: str) -> list[dict[str, Any]]:
+        rows = self.conn.execute(
+            select(generation_events).where(generation_events.c.generation_id == generation_id)
+            .order_by(generation_events.c.seq))
+        return [
+            {"seq": r.seq, "at": iso(r.at), "kind": r.kind, "trigger": r.trigger,
+             "from_state": r.from_state, "to_state": r.to_state, "actor": r.actor,
+             "detail": r.detail}
+            for r in rows
+        ]
+
+
+class SqlOutbox:
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+
+    def add(self, message: OutboundMessage, at: datetime) -> None:
+        self.conn.execute(insert(outbox).values(
+            exchange=message.exchange, routing_key=message.routing_key,
+            message_id=message.message_id, correlation_id=message.correlation_id,
+            type=message.type, body=message.encode().decode(), created_at=at, attempts=0))
+
+
+class SqlInbox:
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+
+    def add(self, job_id: str, event_type: str, generation_id: str, at: datetime) -> bool:
+        return insert_ignore(self.conn, inbox, {"job_id": job_id, "event_type": event_type,
+                                                "generation_id": generation_id,
+                                                "received_at": at})
+
+
+class SqlIdempotency:
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+
+    def get(self, record: IdempotencyRecord) -> tuple[str, int, Any] | None:
+        row = self.conn.execute(select(idempotency_keys).where(
+            idempotency_keys.c.scope == record.scope, idempotency_keys.c.key == record.key)
+        ).first()
+        return (row.request_hash, row.status, row.body) if row else None
+
+    def put(self, record: IdempotencyRecord, status: int, body: Any, at: datetime) -> None:
+        if not insert_ignore(self.conn, idempotency_keys, {
+            "scope": record.scope, "key": record.key, "request_hash": record.request_hash,
+            "status": status, "body": body, "created_at": at,
+        }):
+            raise IdempotencyRace(record.key)
+
+    def purge(self, before: datetime) -> int:
+        return int(self.conn.execute(
+            delete(idempotency_keys).where(idempotency_keys.c.created_at < before)).rowcount)
+
+
+class SqlUnitOfWork:
+    """One connection, one transaction; rolled back on exit unless committed."""
+
+    def __init__(self, engine: Engine,
+                 billing_factory: Callable[[Connection], Billing] = SqlLedger,
+                 after_commit: Callable[[], None] | None = None) -> None:
+        self.engine = engine
+        self.billing_factory = billing_factory
+        self.after_commit = after_commit
+
+    def __enter__(self) -> SqlUnitOfWork:
+        self.conn = self.engine.connect()
+        self.tx = self.conn.begin()
+        # Annotated with the ports: the protocol's attributes are invariant.
+        self.generations: GenerationRepository = SqlGenerations(self.conn)
+        self.history: HistoryRepository = SqlHistory(self.conn)
+        self.outbox: Outbox = SqlOutbox(self.conn)
+        self.inbox: Inbox = SqlInbox(self.conn)
+        self.idempotency: IdempotencyStore = SqlIdempotency(self.conn)
+        self.billing: Billing = self.billing_factory(self.conn)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            if self.tx.is_active:
+                self.tx.rollback()
+        finally:
+            self.conn.close()
+
+    def commit(self) -> None:
+        self.tx.commit()
+        if self.after_commit is not None:
+            self.after_commit()
+
+    def rollback(self) -> None:
+        self.tx.rollback()

@@ -1,0 +1,69 @@
+"""Commands: what an HTTP call or a broker message asks the saga to do."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any
+
+
+@dataclass(frozen=True)
+class StartGeneration:
+    user_id: str
+    prompt: str
+    format: dict[str, Any]
+    negative_prompt: str | None = None
+    style: dict[str, Any] = field(default_factory=dict)
+    brand: dict[str, Any] = field(default_factory=dict)
+    input_assets: list[str] = field(default_factory=list)
+    sample_count: int = 4
+    project_id: str | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SelectSample:
+    generation_id: str
+    sample_id: str
+    resolution: str = "standard"
+
+
+@dataclass(frozen=True)
+class Regenerate:
+    generation_id: str
+    prompt: str | None = None
+
+
+@dataclass(frozen=True)
+class Cancel:
+    generation_id: str
+    reason: str | None = None
+
+
+@dataclass(frozen=True)
+class ApplyResult:
+    """A well-formed result from n8n (schema already checked by the consumer)."""
+
+    event_type: str
+    generation_id: str
+    job_id: str
+    samples: list[dict[str, Any]] | None = None
+    asset: dict[str, Any] | None = None
+    error: dict[str, Any] | None = None
+    percent: int | None = None
+    event_id: str | None = None
+    model: str | None = None
+    duration_ms: int | None = None
+
+
+@dataclass(frozen=True)
+class SetPlan:
+    user_id: str
+    plan: str
+
+
+@dataclass(frozen=True)
+class Grant:
+    user_id: str
+    amount: Decimal
+    reason: str

@@ -1,0 +1,52 @@
+"""Domain errors. Each carries a machine-readable ``code``; the API maps codes to statuses."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class DomainError(Exception):
+    """A request the saga refuses. ``code`` is part of the public contract."""
+
+    code = "domain_error"
+
+    def __init__(self, message: str, *, code: str | None = None, **extra: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+        self.extra = extra
+
+
+class NotFound(DomainError):
+    code = "not_found"
+
+
+class InvalidState(DomainError):
+    code = "invalid_state"
+
+
+class UnknownSample(DomainError):
+    code = "unknown_sample"
+
+
+class InsufficientCredits(DomainError):
+    code = "insufficient_credits"
+
+
+class QuotaExceeded(DomainError):
+    code = "quota_exceeded"
+
+
+class InvalidRequest(DomainError):
+    """Semantically invalid input the schema could not catch (e.g. an unknown plan)."""
+
+    code = "validation_error"
+
+
+class ConcurrencyConflict(Exception):
+    """Someone else changed the saga between our read and our write; the caller retries."""
+
+
+class BillingUnavailable(Exception):
+    """The external billing backend did not answer; the step is retried later."""

@@ -1,0 +1,382 @@
+"""The generation saga aggregate and its configuration."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+from transitions import EventData
+
+from saga import intents as it
+from saga.errors import UnknownSample
+from saga.pricing import ZERO, PriceBook, final_output, money
+
+# name -> (width, height); ``custom`` takes both from the request.
+FORMATS: dict[str, tuple[int, int]] = {
+    "instagram_post": (1080, 1080),
+    "instagram_story": (1080, 1920),
+    "instagram_reel": (1080, 1920),
+    "facebook_post": (1200, 630),
+    "linkedin_post": (1200, 627),
+    "twitter_post": (1600, 900),
+    "tiktok": (1080, 1920),
+    "youtube_thumbnail": (1280, 720),
+    "pinterest_pin": (1000, 1500),
+}
+
+TERMINAL_STATES = frozenset({"completed", "failed", "timed_out", "cancelled", "expired"})
+
+USER_MESSAGES = {
+    "samples_ready": "Your samples are ready. Pick one to continue.",
+    "final_ready": "Your final creative is ready.",
+    "final_failed": "We could not create the final image and did not charge you for it. "
+    "Please choose a sample again.",
+    "final_timed_out": "Creating the final image took too long; you were not charged for it. "
+    "Please choose a sample again.",
+    "failed": "We could not generate samples for this request. You were not charged.",
+    "timed_out": "Generating samples took too long. You were not charged.",
+    "cancelled": "This generation was cancelled.",
+    "expired": "The time to choose a sample has passed.",
+}
+
+# Failure codes from n8n whose wording we may show the user; all others get a generic text.
+_USER_ERROR_TEXT = {
+    "content_policy_violation": "The request was declined by the content policy.",
+    "invalid_input": "The request could not be processed as given.",
+}
+_GENERIC_ERROR_TEXT = "The image service could not complete the request."
+
+
+@dataclass(frozen=True)
+class SagaConfig:
+    samples_deadline: timedelta = timedelta(seconds=120)
+    final_deadline: timedelta = timedelta(seconds=600)
+    selection_window: timedelta = timedelta(hours=24)
+    max_attempts: int = 3
+    retry_backoff_base: timedelta = timedelta(seconds=1)
+    retry_backoff_max: timedelta = timedelta(seconds=30)
+    compensation_backoff_base: timedelta = timedelta(seconds=1)
+    compensation_backoff_max: timedelta = timedelta(seconds=60)
+    prices: PriceBook = field(default_factory=PriceBook)
+    bucket: str = "creativeflow-assets"
+    sample_size: int = 512
+
+    def retry_delay(self, attempt: int) -> timedelta:
+        """Exponential backoff before dispatch number ``attempt + 1``."""
+        delay: timedelta = self.retry_backoff_base * (2 ** max(attempt - 1, 0))
+        return min(delay, self.retry_backoff_max)
+
+    def compensation_delay(self, tries: int) -> timedelta:
+        delay: timedelta = self.compensation_backoff_base * (2 ** max(tries - 1, 0))
+        return min(delay, self.compensation_backoff_max)
+
+
+def new_id() -> str:
+    return str(uuid.uuid4())
+
+
+@dataclass(eq=False)
+class Generation:
+    """One persisted generation saga.
+
+    ``state`` is driven by :data:`saga.machine.MACHINE`; the callbacks below only mutate this
+    object and append :mod:`saga.intents` to ``pending`` — they never touch the network.
+    ``eq=False`` keeps identity semantics, which the state machine relies on.
+    """
+
+    id: str
+    user_id: str
+    prompt: str
+    format: dict[str, Any]
+    created_at: datetime
+    project_id: str | None = None
+    negative_prompt: str | None = None
+    style: dict[str, Any] = field(default_factory=dict)
+    brand: dict[str, Any] = field(default_factory=dict)
+    input_assets: list[str] = field(default_factory=list)
+    sample_count: int = 4
+    metadata: dict[str, Any] = field(default_factory=dict)
+    state: str = "requested"
+    samples: list[dict[str, Any]] = field(default_factory=list)
+    selected_sample_id: str | None = None
+    resolution: str | None = None
+    final_asset: dict[str, Any] | None = None
+    held: Decimal = ZERO
+    charged: Decimal = ZERO
+    released: Decimal = ZERO
+    error: dict[str, Any] | None = None
+    stage: str | None = None
+    attempt: int = 0
+    job_id: str | None = None
+    hold: dict[str, Any] | None = None  # the open hold: {hold_id, stage, amount}
+    round: int = 0  # sample rounds started (regenerations included)
+    due_at: datetime | None = None
+    due_kind: str | None = None  # stage | retry | selection | compensate
+    compensation: dict[str, Any] | None = None
+    updated_at: datetime | None = None
+    version: int = 0
+    history_seq: int = 0
+    pending: list[it.Intent] = field(default_factory=list)
+
+    # -- read helpers ---------------------------------------------------------------------
+    @property
+    def terminal(self) -> bool:
+        return self.state in TERMINAL_STATES
+
+    def sample(self, sample_id: str) -> dict[str, Any] | None:
+        return next((s for s in self.samples if s.get("sample_id") == sample_id), None)
+
+    def credits(self) -> dict[str, str]:
+        return {"held": str(money(self.held)), "charged": str(money(self.charged)),
+                "released": str(money(self.released))}
+
+    def take_pending(self) -> list[it.Intent]:
+        pending, self.pending = self.pending, []
+        return pending
+
+    def note(self, actor: it.Actor, detail: dict[str, Any]) -> None:
+        self.pending.append(it.HistoryEntry(kind="note", actor=actor, detail=detail))
+
+    def reject(self, actor: it.Actor, reason: str, **detail: Any) -> None:
+        self.pending.append(
+            it.HistoryEntry(kind="rejected", actor=actor, detail={"reason": reason, **detail})
+        )
+
+    # -- machine-level callbacks ----------------------------------------------------------
+    def record_transition(self, event: EventData) -> None:
+        dest = event.transition.dest if event.transition and event.transition.dest else None
+        src = event.transition.source if event.transition else self.state
+        detail = {k: v for k, v in event.kwargs.get("detail", {}).items()}
+        self.pending.append(
+            it.HistoryEntry(
+                kind="transition",
+                actor=event.kwargs.get("actor", "system"),
+                trigger=event.event.name if event.event else None,
+                from_state=src,
+                to_state=dest or src,
+                detail=detail,
+            )
+        )
+
+    def publish_state_change(self, event: EventData) -> None:
+        now: datetime = event.kwargs["now"]
+        self.updated_at = now
+        dest = event.transition.dest if event.transition else None
+        if dest and dest != event.transition.source:  # type: ignore[union-attr]
+            self.pending.append(it.PublishStateChanged(event.transition.source, dest))  # type: ignore[union-attr]
+        if self.terminal:
+            self.due_at = None
+            self.due_kind = None
+            self.job_id = None
+
+    # -- conditions -------------------------------------------------------------------------
+    def has_sample(self, event: EventData) -> bool:
+        sample_id = event.kwargs["sample_id"]
+        if self.sample(sample_id) is None:
+            raise UnknownSample(f"sample {sample_id!r} was not delivered for this generation",
+                                field="sample_id")
+        return True
+
+    def may_retry(self, event: EventData) -> bool:
+        cfg: SagaConfig = event.kwargs["config"]
+        error = event.kwargs["error"]
+        return bool(error.get("retryable")) and self.attempt < cfg.max_attempts
+
+    def is_due(self, event: EventData) -> bool:
+        now: datetime = event.kwargs["now"]
+        return self.due_at is not None and self.due_at <= now
+
+    def is_retry_due(self, event: EventData) -> bool:
+        return self.due_kind == "retry" and self.is_due(event)
+
+    def is_timeout_due(self, event: EventData) -> bool:
+        return self.due_kind in ("stage", "selection") and self.is_due(event)
+
+    def targets_compensation(self, event: EventData) -> bool:
+        comp = self.compensation or {}
+        return event.transition is not None and comp.get("target") == event.transition.dest
+
+    def can_cancel_compensation(self, event: EventData) -> bool:
+        """Cancel while compensating only when the saga would otherwise live on."""
+        return (self.compensation or {}).get("target") == "awaiting_selection"
+
+    # -- stage starts ----------------------------------------------------------------------
+    def begin_samples_round(self, event: EventData) -> None:
+        cfg: SagaConfig = event.kwargs["config"]
+        price: Decimal = event.kwargs["price"]
+        prompt = event.kwargs.get("prompt")
+        if prompt:
+            self.prompt = prompt
+        self.round += 1
+        self.samples = []
+        self.selected_sample_id = None
+        self.resolution = None
+        self.error = None
+        self._open_stage("samples", price, cfg, event.kwargs["now"])
+
+    def begin_final(self, event: EventData) -> None:
+        cfg: SagaConfig = event.kwargs["config"]
+        self.selected_sample_id = event.kwargs["sample_id"]
+        self.resolution = event.kwargs.get("resolution") or "standard"
+        self.error = None
+        self._open_stage("final", event.kwargs["price"], cfg, event.kwargs["now"])
+
+    def _open_stage(self, stage: str, price: Decimal, cfg: SagaConfig, now: datetime) -> None:
+        self.stage = stage
+        self.attempt = 0
+        price = money(price)
+        if price > ZERO:
+            hold_id = new_id()
+            self.hold = {"hold_id": hold_id, "stage": stage, "amount": str(price)}
+            self.held += price
+            self.pending.append(it.Reserve(hold_id, stage, price))
+        else:
+            self.hold = None
+            self.pending.append(it.Waive(stage))
+        self._dispatch(cfg, now)
+
+    def _dispatch(self, cfg: SagaConfig, now: datetime) -> None:
+        assert self.stage is not None
+        self.attempt += 1
+        self.job_id = new_id()
+        deadline = cfg.samples_deadline if self.stage == "samples" else cfg.final_deadline
+        self.due_at = now + deadline
+        self.due_kind = "stage"
+        self.pending.append(it.DispatchJob(self.stage, self.job_id, self.attempt))
+
+    def final_output(self) -> dict[str, Any]:
+        width, height = final_output(
+            int(self.format["width"]), int(self.format["height"]),
+            "high" if self.resolution == "high" else "standard",
+        )
+        return {"width": width, "height": height, "format": "png"}
+
+    # -- results ---------------------------------------------------------------------------
+    def accept_samples(self, event: EventData) -> None:
+        cfg: SagaConfig = event.kwargs["config"]
+        self.samples = list(event.kwargs["samples"])
+        self._settle(commit=True)
+        self._open_selection_window(cfg, event.kwargs["now"])
+        self._notify("samples_ready", {"samples": self.samples})
+
+    def accept_final(self, event: EventData) -> None:
+        self.final_asset = dict(event.kwargs["asset"])
+        self._settle(commit=True)
+        self._notify("final_ready", {"asset": self.final_asset})
+
+    def schedule_retry(self, event: EventData) -> None:
+        cfg: SagaConfig = event.kwargs["config"]
+        now: datetime = event.kwargs["now"]
+        self.job_id = None  # anything still arriving for the failed job is stale
+        self.due_at = now + cfg.retry_delay(self.attempt)
+        self.due_kind = "retry"
+        self.note(event.kwargs.get("actor", "system"),
+                  {"retry_at": self.due_at.isoformat(), "next_attempt": self.attempt + 1})
+
+    def dispatch_again(self, event: EventData) -> None:
+        self._dispatch(event.kwargs["config"], event.kwargs["now"])
+
+    # -- stage ends ------------------------------------------------------------------------
+    def end_samples_failed(self, event: EventData) -> None:
+        error = event.kwargs["error"]
+        code = str(error.get("code") or "generation_failed")
+        self.error = {"code": code, "message": _USER_ERROR_TEXT.get(code, _GENERIC_ERROR_TEXT),
+                      "retryable": bool(error.get("retryable"))}
+        self._settle(commit=False)
+        self._notify("failed", {"error": self.error})
+
+    def end_samples_timed_out(self, event: EventData) -> None:
+        self.error = {"code": "timed_out", "message": USER_MESSAGES["timed_out"],
+                      "retryable": True}
+        self._settle(commit=False)
+        self._notify("timed_out", {"error": self.error})
+
+    def end_final_failed(self, event: EventData) -> None:
+        self.error = {"code": "final_failed", "message": USER_MESSAGES["final_failed"],
+                      "retryable": True}
+        self._back_to_selection(event, "final_failed")
+
+    def end_final_timed_out(self, event: EventData) -> None:
+        self.error = {"code": "final_timed_out", "message": USER_MESSAGES["final_timed_out"],
+                      "retryable": True}
+        self._back_to_selection(event, "final_timed_out")
+
+    def _back_to_selection(self, event: EventData, notification: str) -> None:
+        self._settle(commit=False)
+        self.selected_sample_id = None
+        self.resolution = None
+        self._open_selection_window(event.kwargs["config"], event.kwargs["now"])
+        self._notify(notification, {"error": self.error})
+
+    def end_expired(self, event: EventData) -> None:
+        self._notify("expired", {})
+
+    def end_cancelled(self, event: EventData) -> None:
+        self._settle(commit=False)
+        self._notify("cancelled", {})
+
+    # -- compensation (external billing not answering) ---------------------------------------
+    def begin_compensation(self, event: EventData) -> None:
+        cfg: SagaConfig = event.kwargs["config"]
+        now: datetime = event.kwargs["now"]
+        self.compensation = {
+            "target": event.kwargs["target"],
+            "trigger": event.kwargs["original_trigger"],
+            "error": event.kwargs.get("error"),
+            "tries": 1,
+        }
+        self.job_id = None
+        self.due_at = now + cfg.compensation_delay(1)
+        self.due_kind = "compensate"
+
+    def retarget_to_cancelled(self, event: EventData) -> None:
+        comp = dict(self.compensation or {})
+        comp.update(target="cancelled", trigger="cancel", error=None)
+        self.compensation = comp
+
+    def finish_compensation(self, event: EventData) -> None:
+        comp = self.compensation or {}
+        self.compensation = None
+        self.due_at = None
+        self.due_kind = None
+        ender = _COMPENSATION_ENDERS[str(comp.get("target")), str(comp.get("trigger"))]
+        getattr(self, ender)(event)
+
+    def _open_selection_window(self, cfg: SagaConfig, now: datetime) -> None:
+        self.job_id = None
+        self.stage = None
+        self.due_at = now + cfg.selection_window
+        self.due_kind = "selection"
+
+    # -- shared helpers ----------------------------------------------------------------------
+    def _settle(self, *, commit: bool) -> None:
+        """Commit or release the open hold (if any) — exactly once, since it is then cleared."""
+        hold = self.hold
+        if hold is None:
+            return
+        amount = Decimal(hold["amount"])
+        self.held -= amount
+        if commit:
+            self.charged += amount
+            self.pending.append(it.Commit(hold["hold_id"], hold["stage"], amount))
+        else:
+            self.released += amount
+            self.pending.append(it.Release(hold["hold_id"], hold["stage"], amount))
+        self.hold = None
+
+    def _notify(self, type_: str, data: dict[str, Any]) -> None:
+        self.pending.append(it.Notify(type_, USER_MESSAGES[type_], data))
+
+
+# (target, original trigger) -> the ending callback that compensation finally runs.
+_COMPENSATION_ENDERS = {
+    ("failed", "result_failed"): "end_samples_failed",
+    ("timed_out", "timeout"): "end_samples_timed_out",
+    ("cancelled", "cancel"): "end_cancelled",
+    ("awaiting_selection", "result_failed"): "end_final_failed",
+    ("awaiting_selection", "timeout"): "end_final_timed_out",
+}
+

@@ -1,0 +1,136 @@
+"""The interfaces the saga's handlers need; ``persistence`` and ``messaging`` implement them."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
+from typing import Any, Protocol, Self
+
+from saga import intents as it
+from saga.messages import OutboundMessage
+from saga.model import Generation
+
+
+@dataclass(frozen=True)
+class Account:
+    user_id: str
+    plan: str
+    balance: Decimal
+    held: Decimal
+
+    @property
+    def available(self) -> Decimal:
+        return self.balance - self.held
+
+
+@dataclass(frozen=True)
+class IdempotencyRecord:
+    """Where a POST's response is stored so the same key replays it (contract §3)."""
+
+    scope: str  # "<role> <METHOD> <path>"
+    key: str
+    request_hash: str
+
+
+@dataclass(frozen=True)
+class HoldRequest:
+    hold_id: str
+    user_id: str
+    generation_id: str
+    stage: str
+    amount: Decimal
+    at: datetime
+
+
+class GenerationRepository(Protocol):
+    def get(self, generation_id: str, *, for_update: bool = False) -> Generation | None: ...
+
+    def add(self, saga: Generation) -> None: ...
+
+    def save(self, saga: Generation) -> None:
+        """Persist; raise ``ConcurrencyConflict`` if the stored version moved on."""
+
+    def claim_due(self, now: datetime) -> Generation | None:
+        """Lock and return one saga whose ``due_at`` has passed, skipping locked ones."""
+
+    def search(self, *, user_id: str | None, state: str | None, limit: int,
+             after: tuple[datetime, str] | None) -> list[Generation]: ...
+
+
+class HistoryRepository(Protocol):
+    def append(self, generation_id: str, seq: int, at: datetime,
+               entry: it.HistoryEntry) -> None: ...
+
+    def events(self, generation_id: str) -> list[dict[str, Any]]: ...
+
+
+class Outbox(Protocol):
+    def add(self, message: OutboundMessage, at: datetime) -> None: ...
+
+
+class Inbox(Protocol):
+    def add(self, job_id: str, event_type: str, generation_id: str, at: datetime) -> bool:
+        """Record a result's dedup key; False if it was already there."""
+
+
+class Billing(Protocol):
+    """A credit backend (contract §2): the built-in ledger or the external billing service."""
+
+    #: True when settling can fail for a while (external HTTP service): the saga then waits in
+    #: ``compensating``. The built-in ledger settles inside the transaction and never fails.
+    may_be_unavailable: bool
+
+    def account(self, user_id: str) -> Account | None: ...
+
+    def reserve(self, hold: HoldRequest, *, quota: int | None, month: str) -> None:
+        """Hold ``amount``; raise InsufficientCredits / QuotaExceeded / BillingUnavailable."""
+
+    def prepare_settle(self, hold_id: str, *, commit: bool) -> None:
+        """Reach the backend before the transaction commits (external billing only).
+
+        Raises ``BillingUnavailable`` when it does not answer; the built-in ledger does nothing.
+        """
+
+    def settle(self, hold_id: str, *, commit: bool, at: datetime) -> bool:
+        """Commit or release an open hold in this transaction; False if already settled."""
+
+    def set_plan(self, user_id: str, plan: str, at: datetime) -> Account: ...
+
+    def grant(self, user_id: str, amount: Decimal, reason: str, at: datetime) -> Account: ...
+
+
+class IdempotencyStore(Protocol):
+    def get(self, record: IdempotencyRecord) -> tuple[str, int, Any] | None:
+        """(request hash, status, body) stored for this scope and key, if any."""
+
+    def put(self, record: IdempotencyRecord, status: int, body: Any, at: datetime) -> None:
+        """Store the response; raise ``IdempotencyRace`` (at flush) if the key was taken."""
+
+
+class UnitOfWork(Protocol):
+    generations: GenerationRepository
+    history: HistoryRepository
+    outbox: Outbox
+    inbox: Inbox
+    billing: Billing
+    idempotency: IdempotencyStore
+
+    def __enter__(self) -> Self: ...
+
+    def __exit__(self, *exc: object) -> None: ...
+
+    def commit(self) -> None: ...
+
+    def rollback(self) -> None: ...
+
+
+class IdempotencyRace(Exception):
+    """Another request stored a response under the same key first."""
+
+
+def iter_credit_intents(intents: list[it.Intent]) -> Iterator[it.Commit | it.Release]:
+    for intent in intents:
+        if isinstance(intent, it.Commit | it.Release):
+            yield intent

@@ -1,0 +1,42 @@
+"""The public representations of contract §3, rendered from domain objects."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from saga.messages import iso
+from saga.model import Generation
+from saga.ports import Account
+from saga.pricing import fmt
+
+
+def generation_view(saga: Generation) -> dict[str, Any]:
+    return {
+        "id": saga.id,
+        "state": saga.state,
+        "user_id": saga.user_id,
+        "project_id": saga.project_id,
+        "prompt": saga.prompt,
+        "format": saga.format,
+        "sample_count": saga.sample_count,
+        "samples": saga.samples,
+        "selected_sample_id": saga.selected_sample_id,
+        "final_asset": saga.final_asset,
+        "credits": saga.credits(),
+        "error": saga.error,
+        "attempt": saga.attempt,
+        "deadline_at": iso(saga.due_at) if saga.due_at and not saga.terminal else None,
+        "created_at": iso(saga.created_at),
+        "updated_at": iso(saga.updated_at or saga.created_at),
+        "metadata": saga.metadata,
+    }
+
+
+def account_view(account: Account) -> dict[str, Any]:
+    return {
+        "user_id": account.user_id,
+        "plan": account.plan,
+        "balance": fmt(account.balance),
+        "held": fmt(account.held),
+        "available": fmt(account.available),
+    }

@@ -1,0 +1,47 @@
+"""The happy path through the real handlers on SQLite, with the ledger checked at each step."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+from saga.commands import ApplyResult, Grant, SelectSample, StartGeneration
+from tests.conftest import World
+
+FORMAT = {"name": "instagram_post", "width": 1080, "height": 1080}
+
+
+def samples(n: int = 4) -> list[dict[str, object]]:
+    return [{"sample_id": f"s{i}", "url": f"s3://b/k/s{i}.png", "width": 512, "height": 512}
+            for i in range(1, n + 1)]
+
+
+def test_happy_path_charges_the_price_book(world: World) -> None:
+    svc = world.service
+    svc.grant(Grant("u-1", Decimal("10.00"), "welcome"))
+    gen = svc.start(StartGeneration(user_id="u-1", prompt="spring sale", format=FORMAT))
+    assert gen["state"] == "processing_samples"
+    assert gen["credits"] == {"held": "0.25", "charged": "0.00", "released": "0.00"}
+    assert svc.account("u-1")["available"] == "9.75"
+
+    (job,) = world.jobs()
+    assert job["stage"] == "samples" and job["attempt"] == 1 and job["sample_size"] == 512
+    assert job["storage"]["prefix"] == f"users/u-1/generations/{gen['id']}/samples/"
+
+    assert svc.apply_result(ApplyResult("AIGenerationSamplesReady", gen["id"], job["job_id"],
+                                        samples=samples())) == "applied"
+    gen = svc.select(SelectSample(gen["id"], "s2", "high"))
+    assert gen["state"] == "processing_final"
+    (final_job,) = world.jobs()
+    assert final_job["output"] == {"width": 4096, "height": 4096, "format": "png"}
+    assert final_job["selected_sample"]["sample_id"] == "s2"
+
+    asset = {"url": "s3://b/final.png", "width": 4096, "height": 4096, "format": "png"}
+    assert svc.apply_result(ApplyResult("AIGenerationFinalAssetReady", gen["id"],
+                                        final_job["job_id"], asset=asset)) == "applied"
+    gen = svc.get(gen["id"])
+    assert gen["state"] == "completed" and gen["deadline_at"] is None
+    assert gen["credits"] == {"held": "0.00", "charged": "2.25", "released": "0.00"}
+    assert svc.account("u-1") == {"user_id": "u-1", "plan": "free", "balance": "7.75",
+                                  "held": "0.00", "available": "7.75"}
+    kinds = [e["kind"] for e in svc.history(gen["id"])["events"]]
+    assert kinds.count("transition") == 4 and kinds.count("credit") == 4
