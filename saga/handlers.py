@@ -192,6 +192,7 @@ class SagaService:
                                        detail=_result_detail(cmd))
             if cmd.event_type == "AIGenerationProgress":
                 outcome = self._progress(saga, cmd, received, now)
+                self._apply(uow, saga, saga.take_pending(), now)
             else:
                 outcome = self._result(uow, saga, cmd, received, now)
             uow.commit()

@@ -7,6 +7,7 @@ Integration fixtures talk to the real PostgreSQL (127.0.0.1:5432) and RabbitMQ
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -124,10 +125,8 @@ def amqp_vhost() -> Iterator[str]:
     except Exception as exc:
         unavailable(f"RabbitMQ is not available: {exc}")
     yield vhost
-    try:
+    with contextlib.suppress(Exception):
         _rabbitmqctl("delete_vhost", vhost)
-    except Exception:
-        pass
 
 
 @pytest.fixture

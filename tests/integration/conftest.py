@@ -1,0 +1,21 @@
+"""Fixtures for the integration tier: the real service on PostgreSQL and RabbitMQ."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import Engine
+
+from aigen.bootstrap import build
+from tests.integration.rabbit_fixtures import Running, settings_for
+
+
+@pytest.fixture
+def running(pg_engine: Engine, pg_url: str, amqp_url: str) -> Iterator[Running]:
+    runtime = build(settings_for(pg_url, amqp_url), run_migrations=False)
+    runtime.start()
+    with TestClient(runtime.app) as client:
+        yield Running(runtime, client, pg_engine)
+    runtime.stop()

@@ -1,0 +1,279 @@
+"""End to end through the real RabbitMQ and PostgreSQL, with a scripted n8n (contract §4)."""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import time
+from typing import Any
+
+import pytest
+from sqlalchemy import func, select
+
+from persistence.tables import generations, holds, inbox
+from tests.integration.rabbit_fixtures import (
+    SERVICE,
+    Running,
+    cents,
+    ledger_report,
+    spawn_serve,
+)
+from tests.support.standin import Collector, Reply, ScriptedN8n, happy, publish_raw, wait_for
+
+pytestmark = pytest.mark.integration
+
+
+def test_happy_path_with_notifications_and_domain_events(running: Running) -> None:
+    running.grant("u-1", "10.00")
+    with Collector(running.runtime.settings.amqp_url or "") as seen, \
+            ScriptedN8n(running.runtime.settings.amqp_url or "",
+                        lambda job: [Reply("progress"), Reply(
+                            "samples_ready" if job["stage"] == "samples" else "final_ready",
+                            delay=0.3)]) as n8n:
+        gen = running.start("u-1", "k1")
+        running.wait_state(gen["id"], "awaiting_selection")
+        r = running.client.post(f"/api/v1/generations/{gen['id']}/selection",
+                                json={"sample_id": "s3", "resolution": "high"}, headers=SERVICE)
+        assert r.status_code == 202, r.text
+        done = running.wait_state(gen["id"], "completed")
+        wait_for(lambda: len(seen.events) >= 4, message="four domain events")
+        wait_for(lambda: {"samples_ready", "final_ready"}
+                 <= {n["type"] for n in seen.notifications}, message="notifications")
+
+    assert done["credits"] == {"held": "0.00", "charged": "2.25", "released": "0.00"}
+    assert done["final_asset"]["width"] == 4096
+    assert [j["stage"] for j in n8n.jobs] == ["samples", "final"]
+    assert n8n.jobs[1]["selected_sample"]["sample_id"] == "s3"
+    assert [(e["from_state"], e["to_state"]) for e in seen.events] == [
+        ("requested", "processing_samples"), ("processing_samples", "awaiting_selection"),
+        ("awaiting_selection", "processing_final"), ("processing_final", "completed")]
+    assert seen.events[-1]["credits"]["charged"] == "2.25"
+    types = [n["type"] for n in seen.notifications]
+    assert types.count("progress") == 2 and types.count("samples_ready") == 1
+    assert all(n["user_id"] == "u-1" and n["generation_id"] == gen["id"]
+               for n in seen.notifications)
+    for props in seen.properties:
+        assert props.content_type == "application/json"
+        assert props.delivery_mode == 2
+        assert props.correlation_id == gen["id"]
+        assert props.type in ("GenerationNotification", "GenerationStateChanged")
+    bodies = {b["event_id"] for b in seen.notifications + seen.events}
+    assert {p.message_id for p in seen.properties} == bodies
+    report = ledger_report(running.engine)
+    assert report["open_holds"] == 0 and report["doubled"] == [] and report["unsent"] == 0
+    assert report["balances"]["u-1"] == (cents("7.75"), 0)
+
+
+def test_regeneration_holds_and_charges_a_second_round(running: Running) -> None:
+    running.grant("u-2", "10.00")
+    with ScriptedN8n(running.runtime.settings.amqp_url or "") as n8n:
+        gen = running.start("u-2", "k2")
+        running.wait_state(gen["id"], "awaiting_selection")
+        r = running.client.post(f"/api/v1/generations/{gen['id']}/regenerate",
+                                json={"prompt": "autumn sale"}, headers=SERVICE)
+        assert r.status_code == 202 and r.json()["credits"]["held"] == "0.25"
+        again = running.wait_state(gen["id"], "awaiting_selection")
+    assert again["prompt"] == "autumn sale" and again["credits"]["charged"] == "0.50"
+    assert [j["prompt"] for j in n8n.jobs] == ["spring sale banner", "autumn sale"]
+    assert ledger_report(running.engine)["balances"]["u-2"] == (cents("9.50"), 0)
+
+
+def test_cancel_while_n8n_works_releases_and_refuses_the_late_result(running: Running) -> None:
+    running.grant("u-3", "10.00")
+    url = running.runtime.settings.amqp_url or ""
+    with Collector(url) as seen, ScriptedN8n(url, lambda job: [Reply("samples_ready",
+                                                                    delay=1.0)]):
+        gen = running.start("u-3", "k3")
+        wait_for(lambda: len(seen.events) >= 1, message="dispatch")
+        r = running.client.post(f"/api/v1/generations/{gen['id']}/cancel", headers=SERVICE)
+        assert r.status_code == 200 and r.json()["state"] == "cancelled"
+        wait_for(lambda: any(e["kind"] == "rejected" for e in running.history(gen["id"])),
+                 message="the late result to be refused")
+        wait_for(lambda: "cancelled" in [n["type"] for n in seen.notifications],
+                 message="cancel notification")
+    final = running.get(gen["id"])
+    assert final["state"] == "cancelled"
+    assert final["credits"] == {"held": "0.00", "charged": "0.00", "released": "0.25"}
+    rejected = [e for e in running.history(gen["id"]) if e["kind"] == "rejected"]
+    assert rejected[0]["detail"]["reason"] == "wrong_state"
+    assert seen.events[-1]["to_state"] == "cancelled"
+    assert ledger_report(running.engine)["balances"]["u-3"] == (cents("10.00"), 0)
+
+
+def test_retryable_failure_is_redispatched_then_succeeds(running: Running) -> None:
+    running.grant("u-4", "10.00")
+
+    def flaky(job: dict[str, Any]) -> list[Reply]:
+        if job["attempt"] == 1:
+            return [Reply("failed", retryable=True)]
+        return happy(job)
+
+    with ScriptedN8n(running.runtime.settings.amqp_url or "", flaky) as n8n:
+        gen = running.start("u-4", "k4")
+        done = running.wait_state(gen["id"], "awaiting_selection")
+    assert done["attempt"] == 2 and done["credits"]["charged"] == "0.25"
+    assert [j["attempt"] for j in n8n.jobs] == [1, 2]
+    assert n8n.jobs[0]["job_id"] != n8n.jobs[1]["job_id"]
+    with running.engine.connect() as conn:  # the hold survived the retry: one round, one hold
+        assert conn.execute(select(func.count()).select_from(holds)).scalar_one() == 1
+
+
+def test_results_delivered_three_times_and_shuffled_change_nothing(running: Running) -> None:
+    """Every result three times with random delays: same states and ledger as a clean run."""
+    rng = random.Random(7)
+    n = 25
+
+    def noisy(job: dict[str, Any]) -> list[Reply]:
+        kind = "samples_ready" if job["stage"] == "samples" else "final_ready"
+        return [Reply(kind, delay=rng.random() * 0.3) for _ in range(3)] + [
+            Reply("progress", delay=rng.random() * 0.3)]
+
+    url = running.runtime.settings.amqp_url or ""
+    with ScriptedN8n(url, noisy) as n8n:
+        for i in range(n):
+            running.grant(f"u-{i}", "5.00")
+        gens = [running.start(f"u-{i}", f"dup-{i}") for i in range(n)]
+        for gen in gens:
+            running.wait_state(gen["id"], "awaiting_selection")
+            r = running.client.post(f"/api/v1/generations/{gen['id']}/selection",
+                                    json={"sample_id": "s1"}, headers=SERVICE)
+            assert r.status_code == 202
+        for gen in gens:
+            running.wait_state(gen["id"], "completed")
+        wait_for(lambda: n8n.sent >= n * 8, message="all replies sent")
+        wait_for(lambda: sum(1 for g in gens for e in running.history(g["id"])
+                             if e["kind"] == "rejected") >= n * 4,
+                 message="every duplicate to be refused")
+    for gen in gens:
+        final = running.get(gen["id"])
+        assert final["credits"] == {"held": "0.00", "charged": "1.25", "released": "0.00"}
+        reasons = [e["detail"]["reason"] for e in running.history(gen["id"])
+                   if e["kind"] == "rejected"]
+        assert reasons.count("duplicate") + reasons.count("wrong_state") == 4, reasons
+    report = ledger_report(running.engine)
+    assert report["doubled"] == [] and report["open_holds"] == 0
+    assert all(v == (cents("3.75"), 0) for v in report["balances"].values())
+    assert report["journal_sums"] == report["balances"]
+    with running.engine.connect() as conn:
+        assert conn.execute(select(func.count()).select_from(inbox)).scalar_one() == 2 * n
+
+
+@pytest.mark.parametrize("body, reason", [
+    (b"\xff\xfe not json", "not_json"),
+    (b'{"event_type": "AIGenerationSamplesReady", "generation_id": 5, "job_id": "j"}', "schema"),
+    (b'{"event_type": "AIGenerationFailed", "job_id": "j"}', "schema"),
+    (b'{"event_type": "Bogus", "generation_id": "g", "job_id": "j"}', "schema"),
+    (b"[1, 2, 3]", "schema"),
+    (b'{"event_type": "AIGenerationProgress", "generation_id": "g", "job_id": "j", '
+     b'"percent": "40"}', "schema"),
+    (json.dumps({"event_type": "AIGenerationProgress", "generation_id": "g", "job_id": "j",
+                 "percent": 1, "pad": "x" * 300_000}).encode(), "too_large"),
+])
+def test_malformed_results_are_dead_lettered_and_change_nothing(
+        running: Running, body: bytes, reason: str) -> None:
+    running.grant("u-5", "10.00")
+    url = running.runtime.settings.amqp_url or ""
+    with Collector(url) as seen:
+        with running.engine.connect() as conn:
+            before = conn.execute(select(generations.c.id, generations.c.version)).all()
+        publish_raw(url, "generation.result.samples_ready", body)
+        wait_for(lambda: len(seen.dead) == 1, message="the dead letter")
+        headers, dead_body = seen.dead[0]
+        assert dead_body == body
+        assert headers["x-rejection-reason"].startswith(reason)
+        with running.engine.connect() as conn:
+            assert conn.execute(select(generations.c.id, generations.c.version)).all() == before
+        # The consumer is still alive: a normal generation goes through.
+        with ScriptedN8n(url):
+            gen = running.start("u-5", f"after-{reason}")
+            running.wait_state(gen["id"], "awaiting_selection")
+
+
+def test_result_for_unknown_generation_is_acknowledged_and_counted(running: Running) -> None:
+    url = running.runtime.settings.amqp_url or ""
+    publish_raw(url, "generation.result.failed", json.dumps({
+        "event_type": "AIGenerationFailed", "generation_id": "nope", "job_id": "j1",
+        "error": {"code": "x", "message": "", "retryable": False}}).encode())
+
+    def counted() -> bool:
+        metrics = running.client.get("/metrics").text
+        return ('aigen_results_total{event_type="AIGenerationFailed",'
+                'outcome="unknown_generation"} 1.0') in metrics
+    wait_for(counted, message="the unknown-generation metric")
+
+
+def test_broker_restart_mid_run_loses_and_doubles_nothing(running: Running) -> None:
+    """``rabbitmqctl stop_app``/``start_app`` while generations are in flight."""
+    n = 30
+    url = running.runtime.settings.amqp_url or ""
+    for i in range(n):
+        running.grant(f"r-{i}", "5.00")
+    with ScriptedN8n(url, lambda job: [Reply(
+            "samples_ready" if job["stage"] == "samples" else "final_ready", delay=0.5)]):
+        gens = [running.start(f"r-{i}", f"restart-{i}") for i in range(n)]
+        subprocess.run(["rabbitmqctl", "-q", "stop_app"], check=True, timeout=60)
+        time.sleep(1.0)
+        subprocess.run(["rabbitmqctl", "-q", "start_app"], check=True, timeout=120)
+        for gen in gens:
+            running.wait_state(gen["id"], "awaiting_selection", timeout=60)
+            assert running.client.post(f"/api/v1/generations/{gen['id']}/selection",
+                                       json={"sample_id": "s2"},
+                                       headers=SERVICE).status_code == 202
+        for gen in gens:
+            running.wait_state(gen["id"], "completed", timeout=60)
+    wait_for(lambda: running.runtime.broker.healthy(), message="broker healthy again")
+    wait_for(lambda: ledger_report(running.engine)["unsent"] == 0, message="outbox drained")
+    report = ledger_report(running.engine)
+    assert report["doubled"] == [] and report["open_holds"] == 0
+    assert all(v == (cents("3.75"), 0) for v in report["balances"].values())
+
+
+def test_two_service_processes_share_the_work(pg_engine: Any, pg_url: str, amqp_url: str,
+                                              tmp_path: Any) -> None:
+    import httpx
+
+    env = {"AIGEN_DATABASE_URL": pg_url, "AIGEN_AMQP_URL": amqp_url,
+           "AIGEN_SWEEPER_INTERVAL_S": "0.1"}
+    procs = [spawn_serve(env, str(tmp_path / f"serve{i}.log")) for i in range(2)]
+    try:
+        for p in procs:
+            p.wait_ready()
+        n = 40
+        with ScriptedN8n(amqp_url):
+            clients = [httpx.Client(base_url=p.base, headers=SERVICE, timeout=10)
+                       for p in procs]
+            for i in range(n):
+                r = clients[i % 2].post(f"/api/v1/accounts/m-{i}/grants",
+                                        json={"amount": "5.00", "reason": "t"})
+                assert r.status_code == 201
+            ids = []
+            for i in range(n):
+                r = clients[i % 2].post("/api/v1/generations",
+                                        headers={"Idempotency-Key": f"multi-{i}"},
+                                        json={"user_id": f"m-{i}", "prompt": "p",
+                                              "format": "tiktok"})
+                assert r.status_code == 202, r.text
+                ids.append(r.json()["id"])
+
+            def state(i: int, gid: str) -> str:
+                return str(clients[(i + 1) % 2].get(f"/api/v1/generations/{gid}").json()["state"])
+            for i, gid in enumerate(ids):
+                wait_for(lambda i=i, gid=gid: state(i, gid) == "awaiting_selection", 30)
+                assert clients[(i + 1) % 2].post(f"/api/v1/generations/{gid}/selection",
+                                                 json={"sample_id": "s1"}).status_code == 202
+            for i, gid in enumerate(ids):
+                wait_for(lambda i=i, gid=gid: state(i, gid) == "completed", 30)
+        wait_for(lambda: ledger_report(pg_engine)["unsent"] == 0, message="outbox drained")
+        report = ledger_report(pg_engine)
+        assert report["doubled"] == [] and report["open_holds"] == 0
+        assert all(v == (cents("3.75"), 0) for v in report["balances"].values())
+        with pg_engine.connect() as conn:
+            assert conn.execute(select(func.count()).select_from(inbox)).scalar_one() == 2 * n
+    finally:
+        for p in procs:
+            p.proc.terminate()
+        for p in procs:
+            p.proc.wait(timeout=15)
+
+
