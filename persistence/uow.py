@@ -108,17 +108,30 @@ class SqlGenerations:
         return [saga_from_row(r) for r in self.conn.execute(query.limit(limit))]
 
 
+_INSERT_EVENT = insert(generation_events)
+_INSERT_OUTBOX = insert(outbox)
+
+
 class SqlHistory:
+    """Buffers history rows; the unit of work writes them in one multi-row INSERT."""
+
     def __init__(self, conn: Connection) -> None:
         self.conn = conn
+        self.pending: list[dict[str, Any]] = []
 
     def append(self, generation_id: str, seq: int, at: datetime, entry: it.HistoryEntry) -> None:
-        self.conn.execute(insert(generation_events).values(
-            generation_id=generation_id, seq=seq, at=at, kind=entry.kind,
-            trigger=entry.trigger, from_state=entry.from_state, to_state=entry.to_state,
-            actor=entry.actor, detail=entry.detail))
+        self.pending.append({
+            "generation_id": generation_id, "seq": seq, "at": at, "kind": entry.kind,
+            "trigger": entry.trigger, "from_state": entry.from_state,
+            "to_state": entry.to_state, "actor": entry.actor, "detail": entry.detail})
+
+    def flush(self) -> None:
+        if self.pending:
+            self.conn.execute(_INSERT_EVENT, self.pending)
+            self.pending = []
 
     def events(self, generation_id: str) -> list[dict[str, Any]]:
+        self.flush()
         rows = self.conn.execute(
             select(generation_events).where(generation_events.c.generation_id == generation_id)
             .order_by(generation_events.c.seq))
@@ -131,14 +144,23 @@ class SqlHistory:
 
 
 class SqlOutbox:
+    """Buffers outbox rows; the unit of work writes them in one multi-row INSERT."""
+
     def __init__(self, conn: Connection) -> None:
         self.conn = conn
+        self.pending: list[dict[str, Any]] = []
 
     def add(self, message: OutboundMessage, at: datetime) -> None:
-        self.conn.execute(insert(outbox).values(
-            exchange=message.exchange, routing_key=message.routing_key,
-            message_id=message.message_id, correlation_id=message.correlation_id,
-            type=message.type, body=message.encode().decode(), created_at=at, attempts=0))
+        self.pending.append({
+            "exchange": message.exchange, "routing_key": message.routing_key,
+            "message_id": message.message_id, "correlation_id": message.correlation_id,
+            "type": message.type, "body": message.encode().decode(), "created_at": at,
+            "attempts": 0})
+
+    def flush(self) -> None:
+        if self.pending:
+            self.conn.execute(_INSERT_OUTBOX, self.pending)
+            self.pending = []
 
 
 class SqlInbox:
@@ -188,8 +210,10 @@ class SqlUnitOfWork:
         self.tx = self.conn.begin()
         # Annotated with the ports: the protocol's attributes are invariant.
         self.generations: GenerationRepository = SqlGenerations(self.conn)
-        self.history: HistoryRepository = SqlHistory(self.conn)
-        self.outbox: Outbox = SqlOutbox(self.conn)
+        self._history = SqlHistory(self.conn)
+        self._outbox = SqlOutbox(self.conn)
+        self.history: HistoryRepository = self._history
+        self.outbox: Outbox = self._outbox
         self.inbox: Inbox = SqlInbox(self.conn)
         self.idempotency: IdempotencyStore = SqlIdempotency(self.conn)
         self.billing: Billing = self.billing_factory(self.conn)
@@ -203,6 +227,8 @@ class SqlUnitOfWork:
             self.conn.close()
 
     def commit(self) -> None:
+        self._history.flush()
+        self._outbox.flush()
         self.tx.commit()
         if self.after_commit is not None:
             self.after_commit()
