@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -11,7 +13,7 @@ from typing import Any
 
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
-from sqlalchemy import Engine, text
+from sqlalchemy import Connection, Engine, text
 
 from aigen.demo_worker import DemoWorker
 from aigen.metrics import PrometheusObserver
@@ -23,10 +25,13 @@ from messaging.inprocess import InProcessBroker
 from messaging.rabbitmq import RabbitBroker
 from messaging.relay import OutboxRelay
 from persistence.db import make_engine, migrate
+from persistence.external_billing import ExternalBilling, HttpBillingClient
+from persistence.ledger import SqlLedger
 from persistence.outbox_store import SqlOutboxStore
 from persistence.uow import SqlIdempotency, SqlUnitOfWork
 from saga.handlers import SagaService, utcnow
 from saga.messages import RESULTS_QUEUE
+from saga.ports import Billing
 
 log = logging.getLogger(__name__)
 IDEMPOTENCY_RETENTION = timedelta(hours=48)
@@ -118,9 +123,13 @@ def build(settings: Settings, *, broker: Broker | None = None, run_migrations: b
             on_unroutable=lambda exchange, _key: observer.count("unroutable", exchange=exchange)))
 
     relay_ref: list[OutboxRelay] = []
+    billing_factory: Callable[[Connection], Billing] = SqlLedger
+    if settings.billing_url:
+        client = HttpBillingClient(settings.billing_url, timeout=settings.billing_timeout_s)
+        billing_factory = functools.partial(ExternalBilling, client=client)
 
     def uow_factory() -> SqlUnitOfWork:
-        return SqlUnitOfWork(engine, after_commit=lambda: relay_ref[0].wake())
+        return SqlUnitOfWork(engine, billing_factory, after_commit=lambda: relay_ref[0].wake())
 
     service = SagaService(uow_factory, settings.saga_config(), observer=observer)
     store = SqlOutboxStore(engine)

@@ -17,6 +17,7 @@ DOMAIN_STATUS = {
     "insufficient_credits": 402,
     "quota_exceeded": 402,
     "validation_error": 422,
+    "external_billing": 409,
 }
 
 

@@ -18,6 +18,7 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 from messaging.broker import Broker, Delivery, Disposition
 from messaging.schemas import Result
 from saga.commands import ApplyResult
+from saga.errors import BillingUnavailable
 from saga.handlers import UNKNOWN_GENERATION, Observer, SagaService
 
 log = logging.getLogger(__name__)
@@ -40,8 +41,8 @@ class ResultConsumer:
             return Disposition.ACK
         try:
             outcome = self.service.apply_result(command_or_reason)
-        except (OperationalError, InterfaceError):
-            log.exception("database unavailable; returning the result to the broker")
+        except (OperationalError, InterfaceError, BillingUnavailable) as exc:
+            log.warning("cannot apply the result now (%s); returning it to the broker", exc)
             return Disposition.RETRY
         except Exception as exc:  # a bug must not stall the queue: park the message instead
             log.exception("result could not be processed; dead-lettering it")

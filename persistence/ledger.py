@@ -91,6 +91,9 @@ class SqlLedger:
     def prepare_settle(self, hold_id: str, *, commit: bool) -> None:
         return None
 
+    def abandon(self) -> None:
+        return None  # everything we did was inside the rolled-back transaction
+
     def settle(self, hold_id: str, *, commit: bool, at: datetime) -> bool:
         closed = close_hold(self.conn, hold_id, commit=commit, at=at)
         if closed is None:

@@ -223,6 +223,7 @@ class SqlUnitOfWork:
         try:
             if self.tx.is_active:
                 self.tx.rollback()
+                self.billing.abandon()
         finally:
             self.conn.close()
 

@@ -371,15 +371,17 @@ class SagaService:
         if not fire(saga, trigger, now=now, actor=actor, config=self.config, **kwargs):
             return False
         pending = saga.take_pending()
-        try:
-            for intent in pending:
-                if isinstance(intent, it.Commit | it.Release):
-                    uow.billing.prepare_settle(intent.hold_id, commit=isinstance(intent, it.Commit))
-        except BillingUnavailable:
-            if snapshot is None:
-                raise
-            self._defer_compensation(uow, saga, snapshot, trigger, actor, now, kwargs)
-            return True
+        for intent in pending:
+            if not isinstance(intent, it.Commit | it.Release):
+                continue
+            commit = isinstance(intent, it.Commit)
+            try:
+                uow.billing.prepare_settle(intent.hold_id, commit=commit)
+            except BillingUnavailable:
+                if commit or snapshot is None:
+                    raise  # nothing changes; the caller retries (a result goes back to the queue)
+                self._defer_compensation(uow, saga, snapshot, trigger, actor, now, kwargs)
+                return True
         self._apply(uow, saga, pending, now, plan=plan)
         self.observer.count("transitions", trigger=trigger)
         return True

@@ -66,11 +66,11 @@ class SagaConfig:
 
     def retry_delay(self, attempt: int) -> timedelta:
         """Exponential backoff before dispatch number ``attempt + 1``."""
-        delay: timedelta = self.retry_backoff_base * (2 ** max(attempt - 1, 0))
+        delay: timedelta = self.retry_backoff_base * (2 ** min(max(attempt - 1, 0), 20))
         return min(delay, self.retry_backoff_max)
 
     def compensation_delay(self, tries: int) -> timedelta:
-        delay: timedelta = self.compensation_backoff_base * (2 ** max(tries - 1, 0))
+        delay: timedelta = self.compensation_backoff_base * (2 ** min(max(tries - 1, 0), 20))
         return min(delay, self.compensation_backoff_max)
 
 

@@ -96,6 +96,9 @@ class Billing(Protocol):
     def settle(self, hold_id: str, *, commit: bool, at: datetime) -> bool:
         """Commit or release an open hold in this transaction; False if already settled."""
 
+    def abandon(self) -> None:
+        """The unit of work rolled back: undo anything done outside our database."""
+
     def set_plan(self, user_id: str, plan: str, at: datetime) -> Account: ...
 
     def grant(self, user_id: str, amount: Decimal, reason: str, at: datetime) -> Account: ...

@@ -25,6 +25,7 @@ from sqlalchemy import Engine, create_engine, text
 from messaging.inprocess import InProcessBroker
 from messaging.relay import OutboxRelay
 from persistence.db import make_engine, migrate, normalize_url
+from persistence.ledger import SqlLedger
 from persistence.outbox_store import SqlOutboxStore
 from persistence.tables import metadata
 from persistence.uow import SqlUnitOfWork
@@ -176,10 +177,11 @@ class World:
     clock: FakeClock
     config: SagaConfig = TEST_CONFIG
     broker: InProcessBroker = field(default_factory=InProcessBroker)
+    billing_factory: Any = SqlLedger
 
     def __post_init__(self) -> None:
-        self.service = SagaService(lambda: SqlUnitOfWork(self.engine), self.config,
-                                   clock=self.clock)
+        self.service = SagaService(lambda: SqlUnitOfWork(self.engine, self.billing_factory),
+                                   self.config, clock=self.clock)
         self.relay = OutboxRelay(SqlOutboxStore(self.engine), self.broker, _Null())
 
     def pump(self) -> None:

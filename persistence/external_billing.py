@@ -1,0 +1,136 @@
+"""The external billing backend (contract §2): Odoo's billing adapter over HTTP.
+
+Every call is idempotent by ``hold_id``, so a call that timed out is simply repeated. Our
+database keeps a mirror of each hold (the ``holds`` table) so that settling stays exactly-once
+on our side, the free plan's quota can be counted, and support can see what was held.
+
+When the service does not answer, reservations are refused (503, nothing dispatched) and
+releases make the saga wait in ``compensating`` until a retry succeeds.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from datetime import datetime
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+import httpx
+from sqlalchemy import Connection, func, select
+
+from persistence.ledger import close_hold, count_sample_rounds, from_cents, record_hold
+from persistence.tables import holds
+from saga.errors import BillingUnavailable, DomainError, InsufficientCredits, QuotaExceeded
+from saga.ports import Account, HoldRequest
+from saga.pricing import fmt, money
+
+log = logging.getLogger(__name__)
+
+
+class ExternalBillingNotSupported(DomainError):
+    code = "external_billing"
+
+
+class HttpBillingClient:
+    """Thin HTTP client with timeouts and a few quick retries; shared by all threads."""
+
+    def __init__(self, base_url: str, *, timeout: float = 2.0, attempts: int = 3,
+                 backoff: float = 0.1, transport: httpx.BaseTransport | None = None) -> None:
+        self.http = httpx.Client(base_url=base_url.rstrip("/"), timeout=timeout,
+                                 transport=transport)
+        self.attempts = attempts
+        self.backoff = backoff
+
+    def call(self, method: str, path: str, json: dict[str, Any] | None = None,
+             ok: tuple[int, ...] = (200, 201, 204)) -> httpx.Response:
+        """Return the first answer that is not a transport error or a 5xx.
+
+        Raises :class:`BillingUnavailable` when every attempt failed that way.
+        """
+        last: str = ""
+        for attempt in range(self.attempts):
+            try:
+                response = self.http.request(method, path, json=json)
+            except httpx.HTTPError as exc:
+                last = f"{type(exc).__name__}: {exc}"
+            else:
+                if response.status_code < 500:
+                    return response
+                last = f"HTTP {response.status_code}"
+            if attempt + 1 < self.attempts:
+                time.sleep(self.backoff * (2 ** attempt))
+        raise BillingUnavailable(f"billing backend {method} {path} failed: {last}")
+
+    def close(self) -> None:
+        self.http.close()
+
+
+class ExternalBilling:
+    may_be_unavailable = True
+
+    def __init__(self, conn: Connection, client: HttpBillingClient) -> None:
+        self.conn = conn
+        self.client = client
+        self._reserved: list[str] = []  # holds reserved remotely in this unit of work
+
+    def account(self, user_id: str) -> Account | None:
+        response = self.client.call("GET", f"/accounts/{user_id}")
+        if response.status_code == 404:
+            return None
+        if response.status_code != 200:
+            raise BillingUnavailable(f"unexpected answer {response.status_code} for account")
+        data = response.json()
+        try:
+            available = money(Decimal(str(data["available"])))
+            plan = str(data["plan"])
+        except (KeyError, InvalidOperation) as exc:
+            raise BillingUnavailable(f"malformed account from billing: {exc}") from exc
+        held = from_cents(int(self.conn.execute(
+            select(func.coalesce(func.sum(holds.c.amount_cents), 0))
+            .where(holds.c.user_id == user_id, holds.c.status == "open")).scalar_one()))
+        return Account(user_id, plan, available + held, held)
+
+    def reserve(self, hold: HoldRequest, *, quota: int | None, month: str) -> None:
+        if quota is not None and count_sample_rounds(self.conn, hold.user_id, month) >= quota:
+            raise QuotaExceeded(f"the free plan allows {quota} sample rounds per month",
+                                limit=quota, month=month)
+        # Remember it before asking: if the answer is lost, rolling back must still release it.
+        self._reserved.append(hold.hold_id)
+        response = self.client.call("POST", "/holds", json={
+            "hold_id": hold.hold_id, "user_id": hold.user_id, "amount": fmt(hold.amount),
+            "reason": f"{hold.stage} for generation {hold.generation_id}"})
+        if response.status_code == 402:
+            raise InsufficientCredits(f"{money(hold.amount)} credits needed",
+                                      required=fmt(hold.amount))
+        if response.status_code not in (200, 201):
+            raise BillingUnavailable(f"unexpected answer {response.status_code} to a hold")
+        record_hold(self.conn, hold, month)
+
+    def prepare_settle(self, hold_id: str, *, commit: bool) -> None:
+        op = "commit" if commit else "release"
+        response = self.client.call("POST", f"/holds/{hold_id}/{op}")
+        if response.status_code in (200, 201, 204):
+            return
+        if response.status_code == 404 and not commit:
+            return  # the backend never held it: nothing to release
+        raise BillingUnavailable(f"billing answered {response.status_code} to {op} {hold_id}")
+
+    def settle(self, hold_id: str, *, commit: bool, at: datetime) -> bool:
+        return close_hold(self.conn, hold_id, commit=commit, at=at) is not None
+
+    def abandon(self) -> None:
+        """The transaction that reserved holds rolled back: release them remotely."""
+        for hold_id in self._reserved:
+            try:
+                self.prepare_settle(hold_id, commit=False)
+            except BillingUnavailable:
+                log.error("could not release abandoned hold %s; the billing backend will "
+                          "keep it until released by hand", hold_id)
+        self._reserved = []
+
+    def set_plan(self, user_id: str, plan: str, at: datetime) -> Account:
+        raise ExternalBillingNotSupported("plans are managed by the external billing service")
+
+    def grant(self, user_id: str, amount: Decimal, reason: str, at: datetime) -> Account:
+        raise ExternalBillingNotSupported("credits are granted by the external billing service")
