@@ -1,0 +1,386 @@
+"""Fault-injection run: hundreds of generations while everything goes wrong.
+
+Through real PostgreSQL and RabbitMQ, one ``aigen serve`` process is SIGKILLed at random
+moments (``--kills`` times) and restarted, while a scripted n8n randomly delays, fails
+(retryable or not), duplicates, drops (so deadlines fire), answers late and sends garbage.
+Odoo's part is played over REST with retries and Idempotency-Keys, as Odoo would. At the end
+it checks and prints the invariants of contract §1 and §2:
+
+* every generation is terminal, or in ``awaiting_selection`` with nothing held;
+* every hold was committed or released exactly once; no hold is open;
+* each account's balance equals its grants minus its charges (and the journal agrees);
+* the outbox is fully sent;
+* results sent / received / applied / refused / dead-lettered, lost 0, doubled 0.
+
+Run: ``python -m bench.fault_injection --generations 300 --kills 6``. Exit status 0 only if
+every check holds. ``tests/integration/test_fault_injection.py`` runs it at a reduced size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+import pika
+from sqlalchemy import create_engine, func, select, text
+
+from persistence.db import make_engine, migrate, normalize_url
+from persistence.tables import accounts, generation_events, generations, holds, journal, outbox
+from tests.support.standin import Reply, ScriptedN8n
+
+KEYS = "service:fi-svc,support:fi-sup"
+SERVICE = {"Authorization": "Bearer fi-svc"}
+SUPPORT = {"Authorization": "Bearer fi-sup"}
+TERMINAL = {"completed", "failed", "timed_out", "cancelled", "expired"}
+GARBAGE = [b"\x00\x01 not json", b'{"event_type": "AIGenerationSamplesReady"}', b"[]",
+           b'{"event_type": "AIGenerationFailed", "generation_id": 1, "job_id": 2}']
+
+
+@dataclass
+class Chaos:
+    """The scripted n8n's dice. Records what it sent so nothing can go missing unnoticed."""
+
+    rng: random.Random
+    deadline: float
+    sent_results: set[tuple[str, str]] = field(default_factory=set)  # (job_id, event_type)
+    garbage: int = 0
+    plan: Counter[str] = field(default_factory=Counter)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def script(self, job: dict[str, Any]) -> list[Reply]:
+        with self.lock:
+            roll = self.rng.random()
+            delay = self.rng.random() * 0.4
+            ok = "samples_ready" if job["stage"] == "samples" else "final_ready"
+            if roll < 0.45:
+                kind, replies = "ok", [Reply(ok, delay)]
+            elif roll < 0.55:
+                kind, replies = "duplicate", [Reply(ok, delay), Reply(ok, delay + 0.05),
+                                              Reply(ok, delay + 0.3)]
+            elif roll < 0.68:
+                kind, replies = "retryable", [Reply("failed", delay, retryable=True)]
+            elif roll < 0.74:
+                kind, replies = "final_failure", [Reply("failed", delay, retryable=False,
+                                                        code="content_policy_violation")]
+            elif roll < 0.82:
+                kind, replies = "dropped", []
+            elif roll < 0.88:
+                kind, replies = "late", [Reply(ok, self.deadline + 1.5)]
+            elif roll < 0.94:
+                kind, replies = "garbage", [Reply("garbage", 0, raw=self.rng.choice(GARBAGE)),
+                                            Reply(ok, delay)]
+                self.garbage += 1
+            else:
+                kind, replies = "progress", [Reply("progress", 0), Reply(ok, delay + 0.1)]
+            self.plan[kind] += 1
+            event = {"samples_ready": "AIGenerationSamplesReady",
+                     "final_ready": "AIGenerationFinalAssetReady",
+                     "failed": "AIGenerationFailed"}
+            for reply in replies:
+                if reply.kind in event:
+                    self.sent_results.add((job["job_id"], event[reply.kind]))
+            return replies
+
+
+class Service:
+    """One ``aigen serve`` process that can be killed and brought back on the same port."""
+
+    def __init__(self, env: dict[str, str], port: int, log_path: str) -> None:
+        self.env = {**os.environ, **env, "AIGEN_HTTP_PORT": str(port)}
+        self.base = f"http://127.0.0.1:{port}"
+        self.log_path = log_path
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.kills = 0
+
+    def start(self) -> None:
+        log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
+        self.proc = subprocess.Popen([sys.executable, "-m", "aigen.cli", "serve"],
+                                     env=self.env, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{self.base}/health/ready", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError("aigen serve did not become ready")
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+        self.kills += 1
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+def call(client: httpx.Client, method: str, url: str, *, patience: float = 60,
+         **kw: Any) -> httpx.Response:
+    """Odoo's retry loop: the same request (and Idempotency-Key) until the service answers."""
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            response = client.request(method, url, **kw)
+            if response.status_code < 500:
+                return response
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{method} {url} got no answer for {patience}s")
+        time.sleep(0.2)
+
+
+def run(generations: int = 300, kills: int = 6, seed: int = 11, deadline: float = 3.0,
+        pg: str = "postgresql://postgres@127.0.0.1:5432/postgres",
+        amqp_host: str = "127.0.0.1:5672", verbose: bool = True) -> dict[str, Any]:
+    rng = random.Random(seed)
+    tag = uuid.uuid4().hex[:6]
+    db, vhost = f"aigen_fi_{tag}", f"aigen-fi-{tag}"
+    admin = create_engine(normalize_url(pg), isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{db}"'))
+    db_url = pg.rsplit("/", 1)[0] + "/" + db
+    migrate(db_url)
+    subprocess.run(["rabbitmqctl", "-q", "add_vhost", vhost], check=True)
+    subprocess.run(["rabbitmqctl", "-q", "set_permissions", "-p", vhost, "guest", ".*", ".*",
+                    ".*"], check=True)
+    amqp = f"amqp://guest:guest@{amqp_host}/{quote(vhost, safe='')}"
+    env = {"AIGEN_DATABASE_URL": db_url, "AIGEN_AMQP_URL": amqp, "AIGEN_API_KEYS": KEYS,
+           "AIGEN_LOG_LEVEL": "WARNING", "AIGEN_SAMPLES_DEADLINE_S": str(deadline),
+           "AIGEN_FINAL_DEADLINE_S": str(deadline), "AIGEN_SELECTION_WINDOW_S": "6",
+           "AIGEN_RETRY_BACKOFF_S": "0.2", "AIGEN_RETRY_BACKOFF_MAX_S": "1",
+           "AIGEN_SWEEPER_INTERVAL_S": "0.2"}
+    port = 18700 + rng.randrange(200)
+    service = Service(env, port, f"/tmp/aigen-fi-{tag}.log")
+    chaos = Chaos(random.Random(seed + 1), deadline)
+    engine = make_engine(db_url)
+    say = print if verbose else (lambda *a, **k: None)
+    try:
+        service.start()
+        client = httpx.Client(base_url=service.base, headers=SERVICE, timeout=10)
+        users = [f"fi-{i}" for i in range(max(5, generations // 10))]
+        granted: Counter[str] = Counter()
+        for i, user in enumerate(users):
+            if i % 4 == 3:
+                call(client, "PUT", f"/api/v1/accounts/{user}", json={"plan": "pro"})
+            amount = Decimal(rng.choice(["3.00", "10.00", "50.00"]))
+            r = call(client, "POST", f"/api/v1/accounts/{user}/grants",
+                     headers={"Idempotency-Key": f"grant-{user}"},
+                     json={"amount": str(amount), "reason": "fault injection"})
+            assert r.status_code == 201, r.text
+            granted[user] += int(amount * 100)
+
+        stop_killing = threading.Event()
+
+        def killer() -> None:
+            for _ in range(kills):
+                if stop_killing.wait(rng.uniform(1.0, 4.0)):
+                    return
+                service.kill()
+                say(f"  SIGKILL #{service.kills} (pid {service.proc.pid if service.proc else '?'})"
+                    "; restarting")
+                service.start()
+
+        ids: list[str] = []
+        refused = Counter[str]()
+        with ScriptedN8n(amqp, chaos.script):
+            killer_thread = threading.Thread(target=killer, daemon=True)
+            killer_thread.start()
+            for i in range(generations):
+                r = call(client, "POST", "/api/v1/generations",
+                         headers={"Idempotency-Key": f"gen-{tag}-{i}"},
+                         json={"user_id": rng.choice(users), "prompt": f"creative {i}",
+                               "format": rng.choice(["instagram_post", "tiktok",
+                                                     "twitter_post"])})
+                if r.status_code == 202:
+                    ids.append(r.json()["id"])
+                else:
+                    refused[r.json().get("code", str(r.status_code))] += 1
+                if i % 10 == 0:
+                    steer(client, refused)
+            # Keep steering until the killer is done and everything has settled.
+            settle_deadline = time.monotonic() + 120 + generations * 0.2
+            while time.monotonic() < settle_deadline:
+                steer(client, refused)
+                if not killer_thread.is_alive() and settled(engine):
+                    break
+                time.sleep(0.5)
+            stop_killing.set()
+            killer_thread.join()
+            # Quiet period: late and duplicate results still in flight get refused.
+            time.sleep(deadline + 3)
+            wait_until(lambda: settled(engine), 60)
+        report = check(engine, amqp, chaos, granted, ids, service.kills, refused)
+        say(format_report(report))
+        return report
+    finally:
+        service.stop()
+        engine.dispose()
+        subprocess.run(["rabbitmqctl", "-q", "delete_vhost", vhost], check=False)
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)'))
+        admin.dispose()
+
+
+def steer(client: httpx.Client, refused: Counter[str]) -> None:
+    """Play Odoo: choose, regenerate or cancel generations waiting for a choice."""
+    try:
+        waiting = client.get("/api/v1/generations", headers=SUPPORT,
+                             params={"state": "awaiting_selection", "limit": 100}).json()["items"]
+    except (httpx.HTTPError, ValueError, KeyError):
+        return  # the service is down right now; try again later
+    for gen in waiting:
+        # One decision per generation and round, so a retried request repeats the same body
+        # under the same Idempotency-Key, as Odoo's retries would.
+        key_text = f"steer-{gen['id']}-{gen['updated_at']}"
+        choice = random.Random(key_text)
+        roll = choice.random()
+        key = {"Idempotency-Key": key_text}
+        if roll < 0.1:
+            continue  # let the selection window expire
+        try:
+            if roll < 0.75:
+                r = client.post(f"/api/v1/generations/{gen['id']}/selection", headers=key,
+                                json={"sample_id": choice.choice(gen["samples"])["sample_id"],
+                                      "resolution": choice.choice(["standard", "high"])})
+            elif roll < 0.9:
+                r = client.post(f"/api/v1/generations/{gen['id']}/regenerate", headers=key)
+            else:
+                r = client.post(f"/api/v1/generations/{gen['id']}/cancel", headers=key)
+        except httpx.HTTPError:
+            return
+        if r.status_code >= 400:
+            refused[r.json().get("code", str(r.status_code))] += 1
+
+
+def settled(engine: Any) -> bool:
+    with engine.connect() as conn:
+        busy = conn.execute(select(func.count()).select_from(generations).where(
+            generations.c.state.notin_(TERMINAL | {"awaiting_selection"}))).scalar_one()
+        unsent = conn.execute(select(func.count()).select_from(outbox)
+                              .where(outbox.c.sent_at.is_(None))).scalar_one()
+    return bool(busy == 0 and unsent == 0)
+
+
+def wait_until(predicate: Any, timeout: float) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end and not predicate():
+        time.sleep(0.5)
+
+
+def check(engine: Any, amqp: str, chaos: Chaos, granted: Counter[str], ids: list[str],
+          kills: int, refused: Counter[str]) -> dict[str, Any]:
+    with engine.connect() as conn:
+        states = Counter(dict(conn.execute(select(generations.c.state, func.count())
+                                           .group_by(generations.c.state)).all()))
+        waiting_with_hold = [r.id for r in conn.execute(select(generations)) if
+                             (r.state not in TERMINAL and r.state != "awaiting_selection")
+                             or r.body.get("hold")]
+        hold_status = Counter(dict(conn.execute(select(holds.c.status, func.count())
+                                                .group_by(holds.c.status)).all()))
+        settlements = conn.execute(select(journal.c.hold_id, func.count()).where(
+            journal.c.kind.in_(("commit", "release"))).group_by(journal.c.hold_id)).all()
+        doubled = [h for h, n in settlements if n != 1]
+        unsettled = hold_status.get("open", 0)
+        charges = dict(conn.execute(select(journal.c.user_id,
+                                           func.sum(journal.c.balance_delta_cents))
+                                    .where(journal.c.kind == "commit")
+                                    .group_by(journal.c.user_id)).all())
+        balance_errors = []
+        for row in conn.execute(select(accounts)):
+            expected = granted[row.user_id] + int(charges.get(row.user_id, 0))
+            if row.balance_cents != expected or row.held_cents != 0:
+                balance_errors.append((row.user_id, row.balance_cents, expected,
+                                       row.held_cents))
+        journal_mismatch = conn.execute(text(
+            "SELECT a.user_id FROM accounts a JOIN (SELECT user_id, sum(balance_delta_cents) b,"
+            " sum(held_delta_cents) h FROM journal GROUP BY user_id) j USING (user_id)"
+            " WHERE a.balance_cents <> j.b OR a.held_cents <> j.h")).all()
+        unsent = conn.execute(select(func.count()).select_from(outbox)
+                              .where(outbox.c.sent_at.is_(None))).scalar_one()
+        received = conn.execute(select(generation_events.c.detail).where(
+            generation_events.c.kind == "message_in")).scalars().all()
+        rejected = Counter(d["reason"] for d in conn.execute(
+            select(generation_events.c.detail).where(generation_events.c.kind == "rejected",
+                                                     generation_events.c.actor == "n8n")
+        ).scalars())
+        applied = conn.execute(select(func.count()).select_from(generation_events).where(
+            generation_events.c.kind == "transition",
+            generation_events.c.actor == "n8n")).scalar_one()
+    seen = {(d["job_id"], d["event_type"]) for d in received}
+    lost = sorted(chaos.sent_results - seen)
+    conn_amqp = pika.BlockingConnection(pika.URLParameters(amqp))
+    dead = conn_amqp.channel().queue_declare("orchestrator.generation.results.dlq",
+                                             passive=True).method.message_count
+    conn_amqp.close()
+    ok = (not waiting_with_hold and unsettled == 0 and not doubled and not balance_errors
+          and not journal_mismatch and unsent == 0 and not lost and kills >= 1
+          and dead >= chaos.garbage and len(ids) == sum(states.values()))
+    return {
+        "ok": ok, "generations": len(ids), "refused_requests": dict(refused), "kills": kills,
+        "states": dict(states), "not_settled": waiting_with_hold, "holds": dict(hold_status),
+        "open_holds": unsettled, "doubled_settlements": doubled,
+        "balance_errors": balance_errors, "journal_mismatch": [r[0] for r in journal_mismatch],
+        "outbox_unsent": unsent, "n8n_plan": dict(chaos.plan),
+        "results_sent": len(chaos.sent_results), "results_received": len(received),
+        "results_applied": applied, "results_refused": dict(rejected),
+        "garbage_sent": chaos.garbage, "dead_lettered": dead, "lost": lost,
+    }
+
+
+def format_report(r: dict[str, Any]) -> str:
+    lines = [
+        f"fault injection: {r['generations']} generations, {r['kills']} SIGKILLs of aigen serve",
+        f"  n8n behaviour per job: {json.dumps(r['n8n_plan'], sort_keys=True)}",
+        f"  final states: {json.dumps(r['states'], sort_keys=True)}",
+        f"  refused requests (Odoo): {json.dumps(r['refused_requests'], sort_keys=True)}",
+        f"  holds: {json.dumps(r['holds'], sort_keys=True)}; open {r['open_holds']}; "
+        f"settled more than once {len(r['doubled_settlements'])}",
+        f"  balances != grants - charges: {len(r['balance_errors'])}; journal mismatches: "
+        f"{len(r['journal_mismatch'])}; outbox unsent: {r['outbox_unsent']}",
+        f"  results: sent {r['results_sent']} distinct, received {r['results_received']} "
+        f"(redeliveries included), applied {r['results_applied']}, refused "
+        f"{json.dumps(r['results_refused'], sort_keys=True)}",
+        f"  garbage sent {r['garbage_sent']}, dead-lettered {r['dead_lettered']}",
+        f"  lost {len(r['lost'])}, doubled {len(r['doubled_settlements'])}, generations not "
+        f"settled {len(r['not_settled'])}",
+        f"  RESULT: {'OK' if r['ok'] else 'FAILED'}",
+    ]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--generations", type=int, default=300)
+    parser.add_argument("--kills", type=int, default=6)
+    parser.add_argument("--seed", type=int, default=11)
+    parser.add_argument("--deadline", type=float, default=3.0)
+    args = parser.parse_args()
+    report = run(args.generations, args.kills, args.seed, args.deadline)
+    return 0 if report["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
