@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
@@ -19,3 +20,22 @@ def running(pg_engine: Engine, pg_url: str, amqp_url: str) -> Iterator[Running]:
     with TestClient(runtime.app) as client:
         yield Running(runtime, client, pg_engine)
     runtime.stop()
+
+
+@pytest.fixture
+def running_with(pg_engine: Engine, pg_url: str, amqp_url: str) -> Iterator[Any]:
+    """Like ``running``, with settings overridden: ``running_with(samples_deadline_s=1)``."""
+    started: list[tuple[Any, TestClient]] = []
+
+    def make(**overrides: Any) -> Running:
+        runtime = build(settings_for(pg_url, amqp_url, **overrides), run_migrations=False)
+        runtime.start()
+        client = TestClient(runtime.app)
+        client.__enter__()
+        started.append((runtime, client))
+        return Running(runtime, client, pg_engine)
+
+    yield make
+    for runtime, client in started:
+        client.__exit__(None, None, None)
+        runtime.stop()
