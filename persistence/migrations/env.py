@@ -26,6 +26,9 @@ def run_migrations_online() -> None:
         context.configure(connection=connection, target_metadata=target_metadata,
                           render_as_batch=connection.dialect.name == "sqlite")
         with context.begin_transaction():
+            if connection.dialect.name == "postgresql":
+                # Several `aigen serve` processes may start at once on a fresh database.
+                connection.exec_driver_sql("SELECT pg_advisory_xact_lock(7243001)")
             context.run_migrations()
     engine.dispose()
 
