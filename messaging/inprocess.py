@@ -6,6 +6,8 @@ FIFO queues, one consumer thread per queue, dead-lettering into the DLQ.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import queue
 import threading
@@ -36,6 +38,8 @@ class InProcessBroker:
 
     def publish(self, messages: Sequence[OutboundMessage]) -> list[bool]:
         for msg in messages:
+            if msg.payload is not None and not msg.body:  # read back from the outbox
+                msg = dataclasses.replace(msg, body=json.loads(msg.payload))
             self.published.append(msg)
             self.route(msg.exchange, msg.routing_key,
                        Delivery(msg.encode(), msg.routing_key, msg.message_id))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 
@@ -27,7 +26,7 @@ class SqlOutboxStore:
                 return 0
             messages = [
                 OutboundMessage(r.exchange, r.routing_key, r.message_id, r.correlation_id,
-                                r.type, json.loads(r.body))
+                                r.type, {}, payload=r.body.encode())
                 for r in rows
             ]
             confirmed = publish(messages)

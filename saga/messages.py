@@ -39,8 +39,11 @@ class OutboundMessage:
     correlation_id: str
     type: str
     body: dict[str, Any]
+    payload: bytes | None = None  # the encoded body, when read back from the outbox
 
     def encode(self) -> bytes:
+        if self.payload is not None:
+            return self.payload
         return json.dumps(self.body, separators=(",", ":"), default=str).encode()
 
 
