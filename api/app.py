@@ -50,7 +50,7 @@ from saga.commands import (
 )
 from saga.errors import BillingUnavailable, DomainError
 from saga.handlers import SagaService
-from saga.ports import IdempotencyRace, IdempotencyRecord
+from saga.ports import AlreadyAnswered, IdempotencyRace, IdempotencyRecord
 
 B = TypeVar("B", bound=BaseModel)
 MAX_BODY_BYTES = 64 * 1024
@@ -84,6 +84,22 @@ def create_app(deps: ApiDeps) -> FastAPI:
         latency.labels(request.method, path, str(response.status_code)).observe(
             time.perf_counter() - start)
         return response
+
+    @app.middleware("http")
+    async def _no_nul(request: Request, call_next: Callable[[Request], Awaitable[Response]]
+                      ) -> Response:
+        # PostgreSQL cannot store U+0000; refuse it up front instead of failing deep inside.
+        where = ("path" if "\x00" in request.url.path else
+                 "query" if any("\x00" in k or "\x00" in v
+                                for k, v in request.query_params.multi_items()) else None)
+        instance = request.url.path.replace("\x00", "")
+        if where == "path" and request.method == "GET":  # no such resource can exist
+            return problem_response(404, Problem(404, "not_found", "no such resource").body(
+                instance))
+        if where is not None:
+            return problem_response(422, validation_problem(
+                [{"field": where, "message": "must not contain NUL characters"}]).body(instance))
+        return await call_next(request)
 
     # -- errors ---------------------------------------------------------------------------
     @app.exception_handler(Problem)
@@ -149,6 +165,10 @@ def create_app(deps: ApiDeps) -> FastAPI:
                                      "the body is not valid JSON") from None
         if not isinstance(data, dict):
             raise validation_problem([{"field": "body", "message": "must be a JSON object"}])
+        nul = _find_nul(data)
+        if nul is not None:
+            raise validation_problem([{"field": nul or "body",
+                                       "message": "must not contain NUL characters"}])
         try:
             return model.model_validate(data)
         except ValidationError as exc:
@@ -173,11 +193,11 @@ def create_app(deps: ApiDeps) -> FastAPI:
         if idem is not None:
             digest = hashlib.sha256(body.model_dump_json().encode()).hexdigest()
             idem = IdempotencyRecord(idem.scope, idem.key, digest)
-            stored = await run_in_threadpool(service.idempotent_response, idem)
-            if stored is not None:
-                return replay(idem, stored)
         try:
             result = await run_in_threadpool(run, idem)
+        except AlreadyAnswered as answered:
+            assert idem is not None
+            return replay(idem, answered.stored)
         except IdempotencyRace:
             assert idem is not None
             stored = await run_in_threadpool(service.idempotent_response, idem)
@@ -345,6 +365,26 @@ def create_app(deps: ApiDeps) -> FastAPI:
         app.mount("/assets", StaticFiles(directory=deps.assets_dir), name="assets")
 
     return app
+
+
+def _find_nul(value: Any, path: str = "") -> str | None:
+    """The dotted path of the first string (or key) containing U+0000, if any."""
+    if isinstance(value, str):
+        return path if "\x00" in value else None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            where = f"{path}.{key}" if path else str(key)
+            if "\x00" in str(key):
+                return where
+            found = _find_nul(item, where)
+            if found is not None:
+                return found
+    if isinstance(value, list):
+        for index, item in enumerate(value):
+            found = _find_nul(item, f"{path}.{index}" if path else str(index))
+            if found is not None:
+                return found
+    return None
 
 
 def _check_user_id(user_id: str) -> None:

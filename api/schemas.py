@@ -12,8 +12,8 @@ from pydantic import (
     ConfigDict,
     Field,
     StringConstraints,
+    ValidationInfo,
     field_validator,
-    model_validator,
 )
 
 from saga.model import FORMATS
@@ -71,8 +71,8 @@ class StartGenerationBody(Strict):
     prompt: Prompt
     negative_prompt: Annotated[str, StringConstraints(max_length=4000)] | None = None
     format: FormatName
-    width: Annotated[int, Field(ge=64, le=4096)] | None = None
-    height: Annotated[int, Field(ge=64, le=4096)] | None = None
+    width: Annotated[int, Field(ge=64, le=4096)] | None = Field(None, validate_default=True)
+    height: Annotated[int, Field(ge=64, le=4096)] | None = Field(None, validate_default=True)
     style: Style = Field(default_factory=Style)
     brand: Brand = Field(default_factory=Brand)
     input_assets: list[Annotated[str, StringConstraints(max_length=2048)]] = Field(
@@ -92,19 +92,20 @@ class StartGenerationBody(Strict):
     @field_validator("metadata")
     @classmethod
     def _small(cls, metadata: dict[str, Any]) -> dict[str, Any]:
-        if len(json.dumps(metadata, separators=(",", ":")).encode()) > METADATA_MAX_BYTES:
+        size = len(json.dumps(metadata, separators=(",", ":"), ensure_ascii=False).encode())
+        if size > METADATA_MAX_BYTES:
             raise ValueError(f"must be at most {METADATA_MAX_BYTES} bytes as JSON")
         return metadata
 
-    @model_validator(mode="after")
-    def _dimensions(self) -> StartGenerationBody:
-        if self.format == "custom":
-            missing = [n for n in ("width", "height") if getattr(self, n) is None]
-            if missing:
-                raise ValueError(f"format 'custom' needs {' and '.join(missing)}")
-        elif self.width is not None or self.height is not None:
-            raise ValueError("width and height are only accepted with format 'custom'")
-        return self
+    @field_validator("width", "height")
+    @classmethod
+    def _dimensions(cls, value: int | None, info: ValidationInfo) -> int | None:
+        custom = info.data.get("format") == "custom"
+        if custom and value is None:
+            raise ValueError("is required with format 'custom'")
+        if not custom and value is not None and "format" in info.data:
+            raise ValueError("is only accepted with format 'custom'")
+        return value
 
     def format_spec(self) -> dict[str, Any]:
         if self.format == "custom":

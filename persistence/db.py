@@ -34,8 +34,10 @@ def make_engine(url: str, *, pool_size: int = 10, echo: bool = False) -> Engine:
         )
         _tune_sqlite(engine)
         return engine
+    # No pre-ping: it costs a round trip per transaction. After a database restart the first
+    # use of a stale connection fails (API: 503, consumer: redelivery) and the pool recovers.
     kwargs: dict[str, Any] = {"pool_size": pool_size, "max_overflow": pool_size,
-                              "pool_pre_ping": True, "pool_recycle": 1800}
+                              "pool_recycle": 1800}
     return create_engine(url, echo=echo, **kwargs)
 
 

@@ -38,7 +38,7 @@ from saga.messages import (
     state_changed_message,
 )
 from saga.model import Generation, SagaConfig, new_id
-from saga.ports import Account, HoldRequest, IdempotencyRecord, UnitOfWork
+from saga.ports import AlreadyAnswered, HoldRequest, IdempotencyRecord, UnitOfWork
 from saga.pricing import PLANS, ZERO, fmt, money, month_key
 from saga.views import account_view, generation_view
 
@@ -98,6 +98,7 @@ class SagaService:
             metadata=dict(cmd.metadata),
         )
         with self.uow_factory() as uow:
+            self._replay_guard(uow, idem)
             plan = self._plan(uow, cmd.user_id)
             price = self.config.prices.price(plan, "samples")
             uow.generations.add(saga)
@@ -140,6 +141,7 @@ class SagaService:
         def attempt() -> dict[str, Any]:
             now = self.clock()
             with self.uow_factory() as uow:
+                self._replay_guard(uow, idem)
                 saga = uow.generations.get(generation_id, for_update=True)
                 if saga is None:
                     raise NotFound(f"generation {generation_id} not found")
@@ -310,6 +312,7 @@ class SagaService:
         def attempt() -> dict[str, Any]:
             now = self.clock()
             with self.uow_factory() as uow:
+                self._replay_guard(uow, idem)
                 view = account_view(uow.billing.set_plan(cmd.user_id, cmd.plan, now))
                 if idem:
                     uow.idempotency.put(idem, 200, view, now)
@@ -326,6 +329,7 @@ class SagaService:
         def attempt() -> dict[str, Any]:
             now = self.clock()
             with self.uow_factory() as uow:
+                self._replay_guard(uow, idem)
                 account = uow.billing.grant(cmd.user_id, amount, cmd.reason, now)
                 view = {**account_view(account), "grant": {"amount": fmt(amount),
                                                             "reason": cmd.reason}}
@@ -337,6 +341,14 @@ class SagaService:
         return self._retrying(attempt)
 
     # ------------------------------------------------------------------ idempotency
+    @staticmethod
+    def _replay_guard(uow: UnitOfWork, idem: IdempotencyRecord | None) -> None:
+        """Checked inside the command's own transaction: one round trip, no extra one."""
+        if idem is not None:
+            stored = uow.idempotency.get(idem)
+            if stored is not None:
+                raise AlreadyAnswered(stored)
+
     def idempotent_response(self, idem: IdempotencyRecord) -> tuple[str, int, Any] | None:
         with self.uow_factory() as uow:
             return uow.idempotency.get(idem)
@@ -477,4 +489,4 @@ def _result_detail(cmd: ApplyResult) -> dict[str, Any]:
     return detail
 
 
-__all__ = ["APPLIED", "UNKNOWN_GENERATION", "Account", "SagaService"]
+__all__ = ["APPLIED", "UNKNOWN_GENERATION", "SagaService"]

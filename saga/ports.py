@@ -133,6 +133,14 @@ class IdempotencyRace(Exception):
     """Another request stored a response under the same key first."""
 
 
+class AlreadyAnswered(Exception):
+    """This Idempotency-Key already has a stored response: replay it, change nothing."""
+
+    def __init__(self, stored: tuple[str, int, Any]) -> None:
+        super().__init__("idempotency key already answered")
+        self.stored = stored
+
+
 def iter_credit_intents(intents: list[it.Intent]) -> Iterator[it.Commit | it.Release]:
     for intent in intents:
         if isinstance(intent, it.Commit | it.Release):
