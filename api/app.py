@@ -50,6 +50,7 @@ from saga.commands import (
 )
 from saga.errors import BillingUnavailable, DomainError
 from saga.handlers import SagaService
+from saga.inputs import find_nul
 from saga.ports import AlreadyAnswered, IdempotencyRace, IdempotencyRecord
 
 B = TypeVar("B", bound=BaseModel)
@@ -165,7 +166,7 @@ def create_app(deps: ApiDeps) -> FastAPI:
                                      "the body is not valid JSON") from None
         if not isinstance(data, dict):
             raise validation_problem([{"field": "body", "message": "must be a JSON object"}])
-        nul = _find_nul(data)
+        nul = find_nul(data)
         if nul is not None:
             raise validation_problem([{"field": nul or "body",
                                        "message": "must not contain NUL characters"}])
@@ -365,26 +366,6 @@ def create_app(deps: ApiDeps) -> FastAPI:
         app.mount("/assets", StaticFiles(directory=deps.assets_dir), name="assets")
 
     return app
-
-
-def _find_nul(value: Any, path: str = "") -> str | None:
-    """The dotted path of the first string (or key) containing U+0000, if any."""
-    if isinstance(value, str):
-        return path if "\x00" in value else None
-    if isinstance(value, dict):
-        for key, item in value.items():
-            where = f"{path}.{key}" if path else str(key)
-            if "\x00" in str(key):
-                return where
-            found = _find_nul(item, where)
-            if found is not None:
-                return found
-    if isinstance(value, list):
-        for index, item in enumerate(value):
-            found = _find_nul(item, f"{path}.{index}" if path else str(index))
-            if found is not None:
-                return found
-    return None
 
 
 def _check_user_id(user_id: str) -> None:

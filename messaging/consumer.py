@@ -20,6 +20,7 @@ from messaging.schemas import Result
 from saga.commands import ApplyResult
 from saga.errors import BillingUnavailable
 from saga.handlers import UNKNOWN_GENERATION, Observer, SagaService
+from saga.inputs import find_nul
 
 log = logging.getLogger(__name__)
 MAX_RESULT_BYTES = 256 * 1024
@@ -65,6 +66,9 @@ def parse_result(body: bytes) -> ApplyResult | str:
         data: Any = json.loads(body)
     except (ValueError, UnicodeDecodeError):
         return "not_json: the body is not UTF-8 JSON"
+    nul = find_nul(data)
+    if nul is not None:
+        return f"schema: {nul or 'body'}: must not contain NUL characters"
     try:
         msg = _RESULT.validate_python(data)
     except ValidationError as exc:

@@ -165,6 +165,8 @@ def test_results_delivered_three_times_and_shuffled_change_nothing(running: Runn
     (b'{"event_type": "AIGenerationFailed", "job_id": "j"}', "schema"),
     (b'{"event_type": "Bogus", "generation_id": "g", "job_id": "j"}', "schema"),
     (b"[1, 2, 3]", "schema"),
+    (b'{"event_type": "AIGenerationFailed", "generation_id": "g\\u0000", "job_id": "j", '
+     b'"error": {"code": "x"}}', "schema"),
     (b'{"event_type": "AIGenerationProgress", "generation_id": "g", "job_id": "j", '
      b'"percent": "40"}', "schema"),
     (json.dumps({"event_type": "AIGenerationProgress", "generation_id": "g", "job_id": "j",
