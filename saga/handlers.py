@@ -258,14 +258,21 @@ class SagaService:
             if saga is None:
                 return False
             kind = saga.due_kind
-            if kind == "retry":
-                self._transition(uow, saga, "redispatch", "timer", now)
-            elif kind == "compensate":
-                comp = saga.compensation or {}
-                self._transition(uow, saga, "compensated", "timer", now,
-                                 error=comp.get("error") or {})
-            else:
-                self._transition(uow, saga, "timeout", "timer", now)
+            timers: dict[str, tuple[str, dict[str, Any]]] = {
+                "retry": ("redispatch", {}),
+                "compensate": ("compensated",
+                               {"error": (saga.compensation or {}).get("error") or {}}),
+            }
+            trigger, kwargs = timers.get(str(kind), ("timeout", {}))
+            try:
+                fired = self._transition(uow, saga, trigger, "timer", now, **kwargs)
+            except InvalidState:
+                fired = False
+            if not fired:
+                # A timer the saga no longer accepts must not be claimed again and again.
+                saga.due_at = saga.due_kind = None
+                saga.note("timer", {"ignored_timer": kind, "state": saga.state})
+                self._apply(uow, saga, saga.take_pending(), now)
             self.observer.count("deadlines", kind=str(kind))
             uow.commit()
             return True

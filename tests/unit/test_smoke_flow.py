@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from decimal import Decimal
 
-from saga.commands import ApplyResult, Grant, SelectSample, StartGeneration
+from saga.commands import ApplyResult, Cancel, Grant, SelectSample, StartGeneration
 from tests.conftest import World
 
 FORMAT = {"name": "instagram_post", "width": 1080, "height": 1080}
@@ -45,3 +45,26 @@ def test_happy_path_charges_the_price_book(world: World) -> None:
                                   "held": "0.00", "available": "7.75"}
     kinds = [e["kind"] for e in svc.history(gen["id"])["events"]]
     assert kinds.count("transition") == 4 and kinds.count("credit") == 4
+
+
+def test_a_timer_the_saga_no_longer_accepts_is_dropped_not_spun_on(world: World) -> None:
+    """A stale due_at (here: a selection timer forced onto a completed saga) fires once,
+    is recorded as ignored, and is never claimed again."""
+    from sqlalchemy import update
+
+    from persistence.tables import generations
+
+    svc = world.service
+    svc.grant(Grant("u-1", Decimal("10.00"), "welcome"))
+    gen = svc.start(StartGeneration(user_id="u-1", prompt="p", format=FORMAT))
+    svc.cancel(Cancel(gen["id"]))
+    with world.engine.begin() as conn:
+        row = conn.execute(generations.select()).one()
+        body = {**row.body, "due_kind": "selection"}
+        conn.execute(update(generations).values(due_at=world.clock.now, body=body))
+    world.clock.advance(1)
+    assert svc.fire_due() == 1
+    assert svc.fire_due() == 0
+    notes = [e for e in svc.history(gen["id"])["events"] if e["kind"] == "note"]
+    assert notes[-1]["detail"] == {"ignored_timer": "selection", "state": "cancelled"}
+    assert svc.get(gen["id"])["state"] == "cancelled"
