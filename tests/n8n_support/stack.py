@@ -7,6 +7,7 @@ image-model stand-ins, then n8n itself. Teardown runs in reverse and never skips
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from types import TracebackType
 
 from .image_api import ImageApiStub
@@ -24,8 +25,14 @@ class N8nStack:
         extra_env: dict[str, str] | None = None,
         image_model: str = "aigen-test-model",
         model_latency_s: float = 0.0,
+        declare_topology: Callable[[RabbitVhost], None] | None = None,
     ) -> None:
         self.vhost = RabbitVhost()
+        # Who declares the contract topology in the fresh vhost before n8n activates: the
+        # harness's copy by default; an end-to-end test passes the orchestrator's own
+        # declaration (e.g. ``RabbitBroker(vhost.url).declare()``) so the queue arguments n8n
+        # meets are exactly the orchestrator's.
+        self.declare_topology = declare_topology
         self.s3 = S3Stub()
         self.image_api = ImageApiStub(latency_s=model_latency_s)
         self.parallel_messages = parallel_messages
@@ -36,8 +43,11 @@ class N8nStack:
     def start(self) -> N8nStack:
         try:
             self.vhost.create()
-            with self.vhost.connect() as conn:
-                declare_contract_topology(conn)
+            if self.declare_topology is not None:
+                self.declare_topology(self.vhost)
+            else:
+                with self.vhost.connect() as conn:
+                    declare_contract_topology(conn)
             self.s3.start()
             self.image_api.start()
             cfg = N8nConfig(
