@@ -154,6 +154,6 @@ def build(settings: Settings, *, broker: Broker | None = None, run_migrations: b
     app = create_app(ApiDeps(
         service=service, api_keys=settings.resolved_api_keys(),
         readiness={"database": database_ready, "broker": broker.healthy},
-        registry=registry, assets_dir=assets_dir))
+        registry=registry, assets_dir=assets_dir, worker_threads=settings.db_pool_size))
     return Runtime(settings, engine, service, broker, relay, consumer, sweeper, app, registry,
                    demo_worker)

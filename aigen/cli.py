@@ -32,7 +32,8 @@ def serve(settings: Settings) -> int:
     try:
         uvicorn.run(runtime.app, host=settings.http_host, port=settings.http_port,
                     log_level=settings.log_level.lower(), access_log=False,
-                    timeout_graceful_shutdown=5)
+                    timeout_graceful_shutdown=5,
+                    timeout_keep_alive=settings.http_keepalive_s)
     finally:
         runtime.stop()
     return 0

@@ -25,6 +25,7 @@ class Settings(BaseSettings):
     api_keys: str | None = None  # "role:key,role:key"
     http_host: str = "127.0.0.1"
     http_port: int = 8000
+    http_keepalive_s: int = Field(30, ge=1)  # keep above the load balancer's idle timeout
     public_url: str | None = None  # base URL the demo worker puts in asset links
 
     samples_deadline_s: float = Field(120, gt=0)

@@ -7,13 +7,16 @@ import base64
 import hashlib
 import json
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import unquote_plus
 
+from anyio import to_thread
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -23,6 +26,7 @@ from pydantic import BaseModel, ValidationError
 from sqlalchemy.exc import OperationalError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.problems import (
     DOMAIN_STATUS,
@@ -64,10 +68,17 @@ class ApiDeps:
     readiness: dict[str, Callable[[], bool]] = field(default_factory=dict)
     registry: CollectorRegistry | None = None
     assets_dir: Path | None = None
+    worker_threads: int = 40  # threads running blocking handlers (each needs a DB connection)
 
 
 def create_app(deps: ApiDeps) -> FastAPI:
-    app = FastAPI(title="aigen-orchestrator", version="0.1.0",
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        # Handlers block on the database; more threads than connections only adds GIL churn.
+        to_thread.current_default_thread_limiter().total_tokens = deps.worker_threads
+        yield
+
+    app = FastAPI(title="aigen-orchestrator", version="0.1.0", lifespan=lifespan,
                   description="CreativeFlow AI generation saga coordinator")
     service = deps.service
     registry = deps.registry or CollectorRegistry()
@@ -75,32 +86,7 @@ def create_app(deps: ApiDeps) -> FastAPI:
                         ["method", "route", "status"], registry=registry,
                         buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5))
 
-    @app.middleware("http")
-    async def _timing(request: Request, call_next: Callable[[Request], Awaitable[Response]]
-                      ) -> Response:
-        start = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        path = getattr(route, "path", "unmatched")
-        latency.labels(request.method, path, str(response.status_code)).observe(
-            time.perf_counter() - start)
-        return response
-
-    @app.middleware("http")
-    async def _no_nul(request: Request, call_next: Callable[[Request], Awaitable[Response]]
-                      ) -> Response:
-        # PostgreSQL cannot store U+0000; refuse it up front instead of failing deep inside.
-        where = ("path" if "\x00" in request.url.path else
-                 "query" if any("\x00" in k or "\x00" in v
-                                for k, v in request.query_params.multi_items()) else None)
-        instance = request.url.path.replace("\x00", "")
-        if where == "path" and request.method == "GET":  # no such resource can exist
-            return problem_response(404, Problem(404, "not_found", "no such resource").body(
-                instance))
-        if where is not None:
-            return problem_response(422, validation_problem(
-                [{"field": where, "message": "must not contain NUL characters"}]).body(instance))
-        return await call_next(request)
+    app.add_middleware(_EdgeMiddleware, latency=latency)
 
     # -- errors ---------------------------------------------------------------------------
     @app.exception_handler(Problem)
@@ -371,6 +357,51 @@ def create_app(deps: ApiDeps) -> FastAPI:
 def _check_user_id(user_id: str) -> None:
     if not 1 <= len(user_id) <= 64:
         raise validation_problem([{"field": "user_id", "message": "must be 1 to 64 characters"}])
+
+
+class _EdgeMiddleware:
+    """Times every request per route and refuses U+0000 in the path or query string.
+
+    A plain ASGI middleware: Starlette's ``BaseHTTPMiddleware`` runs each request through a
+    task group and memory streams, which cost more CPU than the rest of the route here.
+    PostgreSQL cannot store U+0000, so it is refused up front rather than deep inside.
+    """
+
+    def __init__(self, app: ASGIApp, latency: Histogram) -> None:
+        self.app = app
+        self.latency = latency
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path: str = scope["path"]
+        query = unquote_plus(scope.get("query_string", b"").decode("latin-1"))
+        if "\x00" in path or "\x00" in query:
+            instance = path.replace("\x00", "")
+            if "\x00" in path and scope["method"] == "GET":  # no such resource can exist
+                problem = Problem(404, "not_found", "no such resource")
+            else:
+                problem = validation_problem([{
+                    "field": "path" if "\x00" in path else "query",
+                    "message": "must not contain NUL characters"}])
+            await problem_response(problem.status, problem.body(instance))(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = 500
+
+        async def send_with_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_status)
+        finally:
+            route = getattr(scope.get("route"), "path", "unmatched")
+            self.latency.labels(scope["method"], route, str(status)).observe(
+                time.perf_counter() - start)
 
 
 def _body_schema(model: type[BaseModel]) -> dict[str, Any]:

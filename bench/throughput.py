@@ -101,6 +101,11 @@ class Notifications(threading.Thread):
         q = ch.queue_declare("", exclusive=True).method.queue
         for kind in ("samples_ready", "final_ready", "failed", "timed_out"):
             ch.queue_bind(q, "creativeflow.notifications", f"notification.generation.{kind}")
+        # Odoo's side: every domain event and every other notification is consumed too.
+        rest = ch.queue_declare("", exclusive=True).method.queue
+        ch.queue_bind(rest, "creativeflow.events", "generation.*")
+        ch.queue_bind(rest, "creativeflow.notifications", "notification.generation.progress")
+        ch.basic_consume(rest, lambda ch, m, _p, _b: ch.basic_ack(m.delivery_tag))
         ch.basic_qos(prefetch_count=1000)
 
         def on(ch: Any, method: Any, _p: Any, body: bytes) -> None:
@@ -127,20 +132,31 @@ def _resolve(fut: asyncio.Future[float], at: float) -> None:
         fut.set_result(at)
 
 
-async def drive(args: argparse.Namespace, bases: list[str], notes: Notifications
-                ) -> tuple[dict[str, list[float]], dict[str, dict[str, float]], float, int]:
+async def drive(args: argparse.Namespace, bases: list[str], notes: Notifications,
+                mine: range) -> tuple[dict[str, list[float]], dict[str, dict[str, float]],
+                                      float, int]:
     latencies: dict[str, list[float]] = defaultdict(list)
     received: dict[str, dict[str, float]] = defaultdict(dict)
-    sem = asyncio.Semaphore(args.concurrency)
-    limits = httpx.Limits(max_connections=args.concurrency * 2,
-                          max_keepalive_connections=args.concurrency * 2)
+    concurrency = max(1, args.concurrency // args.clients)
+    sem = asyncio.Semaphore(concurrency)
+    limits = httpx.Limits(max_connections=concurrency * 2,
+                          max_keepalive_connections=concurrency * 2)
     clients = [httpx.AsyncClient(base_url=b, headers=HEADERS, timeout=60, limits=limits)
                for b in bases]
     failures = 0
 
-    async def timed(name: str, coro: Any) -> httpx.Response:
+    async def timed(name: str, client: httpx.AsyncClient, method: str, url: str,
+                    **kw: Any) -> httpx.Response:
         start = time.perf_counter()
-        response = await coro
+        for attempt in range(3):
+            try:
+                response = await client.request(method, url, **kw)
+                break
+            except (httpx.ReadError, httpx.RemoteProtocolError):
+                # A keep-alive connection the server closed as we reused it; the request
+                # carries an Idempotency-Key (or is a GET), so sending it again is safe.
+                if attempt == 2:
+                    raise
         latencies[name].append(time.perf_counter() - start)
         return response
 
@@ -148,32 +164,67 @@ async def drive(args: argparse.Namespace, bases: list[str], notes: Notifications
         nonlocal failures
         client = clients[i % len(clients)]
         async with sem:
-            r = await timed("POST /generations", client.post(
-                "/api/v1/generations", headers={"Idempotency-Key": f"bench-{i}"},
-                json={"user_id": f"b-{i % args.users}", "prompt": "bench banner",
-                      "format": "instagram_post", "sample_count": 4}))
+            r = await timed("POST /generations", client, "POST", "/api/v1/generations",
+                            headers={"Idempotency-Key": f"bench-{i}"},
+                            json={"user_id": f"b-{i % args.users}", "prompt": "bench banner",
+                                  "format": "instagram_post", "sample_count": 4})
             if r.status_code != 202:
                 failures += 1
                 return
             gid = r.json()["id"]
             received[gid]["samples"] = await asyncio.wait_for(
                 notes.wait(gid, "samples_ready"), 120)
-            r = await timed("POST /generations/{id}/selection", client.post(
-                f"/api/v1/generations/{gid}/selection", json={"sample_id": "s1",
-                                                              "resolution": "high"}))
+            r = await timed("POST /generations/{id}/selection", client, "POST",
+                            f"/api/v1/generations/{gid}/selection",
+                            headers={"Idempotency-Key": f"bench-select-{i}"},
+                            json={"sample_id": "s1", "resolution": "high"})
             if r.status_code != 202:
                 failures += 1
                 return
             received[gid]["final"] = await asyncio.wait_for(notes.wait(gid, "final_ready"), 120)
             if args.read_back:
-                await timed("GET /generations/{id}", client.get(f"/api/v1/generations/{gid}"))
+                await timed("GET /generations/{id}", client, "GET", f"/api/v1/generations/{gid}")
 
     start = time.perf_counter()
-    await asyncio.gather(*(one(i) for i in range(args.generations)))
+    await asyncio.gather(*(one(i) for i in mine))
     elapsed = time.perf_counter() - start
     for c in clients:
         await c.aclose()
     return latencies, received, elapsed, failures
+
+
+def client_process(args: argparse.Namespace, bases: list[str], amqp: str, index: int,
+                   out: Any, ready: Any, go: Any) -> None:
+    """One load-generating process: its own event loop and notification consumer."""
+    loop = asyncio.new_event_loop()
+    notes = Notifications(amqp, loop)
+    notes.start()
+    notes.ready.wait(20)
+    ready.put(index)
+    go.wait()
+    mine = range(index, args.generations, args.clients)
+    result = loop.run_until_complete(drive(args, bases, notes, mine))
+    notes.stop_flag.set()
+    out.put((dict(result[0]), dict(result[1]), result[3]))
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU time consumed so far by ``pids`` (Linux /proc)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / ticks
+        except (OSError, IndexError):
+            pass
+    return total
+
+
+def pids_of(name: str) -> list[int]:
+    out = subprocess.run(["pgrep", "-f", name], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
 
 
 def peak_rss_mb(pid: int) -> float:
@@ -194,6 +245,8 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--users", type=int, default=200)
+    parser.add_argument("--clients", type=int, default=2,
+                        help="load-generating processes (one asyncio client is the bottleneck)")
     parser.add_argument("--read-back", action="store_true",
                         help="also GET each generation once it completes")
     parser.add_argument("--pg", default="postgresql://postgres@127.0.0.1:5432/postgres")
@@ -221,8 +274,9 @@ def main() -> int:
             env = {**os.environ, "AIGEN_DATABASE_URL": db_url, "AIGEN_AMQP_URL": amqp,
                    "AIGEN_API_KEYS": KEYS, "AIGEN_HTTP_PORT": str(port),
                    "AIGEN_LOG_LEVEL": "WARNING"}
+            log = open(f"/tmp/aigen-bench-{tag}-{n}.log", "wb")  # noqa: SIM115 - child's
             procs.append(subprocess.Popen([sys.executable, "-m", "aigen.cli", "serve"], env=env,
-                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+                                          stdout=log, stderr=subprocess.STDOUT))
             bases.append(f"http://127.0.0.1:{port}")
         for base in bases:
             for _ in range(200):
@@ -246,13 +300,37 @@ def main() -> int:
         standin.start()
         ready.wait(20)
 
-        loop = asyncio.new_event_loop()
-        notes = Notifications(amqp, loop)
-        notes.start()
-        notes.ready.wait(20)
-        latencies, received, elapsed, failures = loop.run_until_complete(
-            drive(args, bases, notes))
-        notes.stop_flag.set()
+        out: Any = mp.Queue()
+        client_ready: Any = mp.Queue()
+        go = mp.Event()
+        clients = [mp.Process(target=client_process,
+                              args=(args, bases, amqp, n, out, client_ready, go), daemon=True)
+                   for n in range(args.clients)]
+        for c in clients:
+            c.start()
+        for _ in clients:
+            client_ready.get(timeout=30)
+        groups = {"service": [p.pid for p in procs], "postgres": pids_of("postgres"),
+                  "rabbitmq": pids_of("beam.smp"), "n8n stand-in": [standin.pid or 0],
+                  "bench clients": [c.pid or 0 for c in clients]}
+        cpu_before = {k: cpu_seconds(v) for k, v in groups.items()}
+        pg_before = {pid: cpu_seconds([pid]) for pid in pids_of("postgres")}
+        started = time.perf_counter()
+        go.set()
+        latencies: dict[str, list[float]] = defaultdict(list)
+        received: dict[str, dict[str, float]] = {}
+        failures = 0
+        for _ in clients:
+            lat, rec, fail = out.get(timeout=3600)
+            for name, values in lat.items():
+                latencies[name].extend(values)
+            received.update(rec)
+            failures += fail
+        elapsed = time.perf_counter() - started
+        cpu_used = {k: cpu_seconds(v) - cpu_before[k] for k, v in groups.items()}
+        # Backends are forked per connection: count every postgres process, new ones whole.
+        cpu_used["postgres"] = sum(cpu_seconds([pid]) - pg_before.get(pid, 0.0)
+                                   for pid in pids_of("postgres"))
 
         pub: dict[tuple[str, str], float] = {}
         while not published.empty():
@@ -273,9 +351,23 @@ def main() -> int:
                   f"{percentile(ms, 95):6.1f} ms  p99 {percentile(ms, 99):6.1f} ms  (n={len(ms)})")
         print(f"result -> notification          p50 {percentile(r2n, 50):6.1f} ms  p99 "
               f"{percentile(r2n, 99):6.1f} ms  (n={len(r2n)})")
+        for base in bases:
+            sums: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
+            for line in httpx.get(f"{base}/metrics").text.splitlines():
+                if line.startswith("aigen_http_request_seconds_") and 'method="POST"' in line:
+                    kind = "sum" if "_sum{" in line else "count" if "_count{" in line else None
+                    if kind:
+                        route = line.split('route="')[1].split('"')[0]
+                        sums[route][0 if kind == "sum" else 1] += float(line.split()[-1])
+            print(f"server-side mean latency ({base}): " + ", ".join(
+                f"{route} {total / max(count, 1) * 1000:.1f} ms"
+                for route, (total, count) in sums.items()))
+        print("CPU per complete generation: " + ", ".join(
+            f"{k} {v / max(done, 1) * 1000:.1f} ms" for k, v in cpu_used.items()))
         for p in procs:
             print(f"service pid {p.pid} peak RSS {peak_rss_mb(p.pid):.0f} MB")
-        print(f"bench client peak RSS {peak_rss_mb(os.getpid()):.0f} MB")
+        for c in clients:
+            c.join(10)
         return 0 if done == args.generations else 1
     finally:
         stop.set()

@@ -18,10 +18,10 @@ import contextlib
 import functools
 import itertools
 import logging
+import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,10 +41,10 @@ def declare_topology(channel: BlockingChannel) -> None:
     """Durable, idempotent declarations of contract §4."""
     for name, kind in EXCHANGES:
         channel.exchange_declare(exchange=name, exchange_type=kind, durable=True)
-    for queue, arguments, binds in QUEUES:
-        channel.queue_declare(queue=queue, durable=True, arguments=arguments or None)
+    for name, arguments, binds in QUEUES:
+        channel.queue_declare(queue=name, durable=True, arguments=arguments or None)
         for exchange, key in binds:
-            channel.queue_bind(queue=queue, exchange=exchange, routing_key=key)
+            channel.queue_bind(queue=name, exchange=exchange, routing_key=key)
 
 
 def _properties(msg_id: str | None, correlation_id: str | None, type_: str | None,
@@ -95,6 +95,7 @@ class AsyncPublisher:
         self._ready = threading.Event()
         self._stop = threading.Event()
         self._inflight: dict[int, tuple[_Batch, int]] = {}
+        self._unroutable_logged: dict[str, float] = {}
         self._tags = itertools.count(1)
         self._thread = threading.Thread(target=self._run, name="amqp-publisher", daemon=True)
 
@@ -160,9 +161,15 @@ class AsyncPublisher:
 
     def _on_return(self, _channel: Channel, method: Basic.Return, props: BasicProperties,
                    _body: bytes) -> None:
-        # Unroutable: nobody bound a queue for it. It is still confirmed; we count and log it.
-        log.warning("unroutable message %s to %s/%s", props.message_id, method.exchange,
-                    method.routing_key)
+        # Unroutable: nobody bound a queue for it. It is still confirmed; we count it, and log
+        # it at most once a minute per exchange so a missing consumer cannot flood the log.
+        now = time.monotonic()
+        key = method.exchange
+        if now - self._unroutable_logged.get(key, -3600.0) >= 60:
+            self._unroutable_logged[key] = now
+            log.warning("unroutable messages to %s (e.g. %s, routing key %s): no queue is "
+                        "bound for them; counted in aigen_unroutable_messages_total",
+                        method.exchange, props.message_id, method.routing_key)
         if self.on_unroutable:
             self.on_unroutable(method.exchange, method.routing_key)
 
@@ -232,20 +239,30 @@ class AsyncPublisher:
 class QueueConsumer:
     """Consumes one queue; ``handler`` runs on a worker pool, acks go back to the I/O thread."""
 
-    def __init__(self, url: str, queue: str, handler: Callable[[Delivery], Disposition], *,
-                 prefetch: int, workers: int) -> None:
+    def __init__(self, url: str, queue_name: str, handler: Callable[[Delivery], Disposition],
+                 *, prefetch: int, workers: int) -> None:
         self.params = pika.URLParameters(url)
-        self.queue = queue
+        self.queue = queue_name
         self.handler = handler
         self.prefetch = prefetch
-        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"work-{queue}")
+        # A plain queue feeding fixed worker threads: ThreadPoolExecutor.submit re-checks its
+        # idle threads on every call, which costs the I/O thread more than the hand-off itself.
+        self.work: queue.SimpleQueue[tuple[Any, ...] | None] = queue.SimpleQueue()
+        self.workers = [threading.Thread(target=self._worker, name=f"work-{queue_name}-{n}",
+                                         daemon=True) for n in range(workers)]
         self.connected = threading.Event()
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"amqp-consume-{queue}",
+        self._thread = threading.Thread(target=self._run, name=f"amqp-consume-{queue_name}",
                                         daemon=True)
 
     def start(self) -> None:
+        for worker in self.workers:
+            worker.start()
         self._thread.start()
+
+    def _worker(self) -> None:
+        while (item := self.work.get()) is not None:
+            self._work(*item)
 
     def _run(self) -> None:
         backoff = 0.5
@@ -278,7 +295,7 @@ class QueueConsumer:
                     method: Basic.Deliver, props: BasicProperties, body: bytes) -> None:
         delivery = Delivery(body, method.routing_key, props.message_id,
                             dict(props.headers or {}), bool(method.redelivered))
-        self.pool.submit(self._work, conn, channel, method.delivery_tag, delivery)
+        self.work.put((conn, channel, method.delivery_tag, delivery))
 
     def _work(self, conn: pika.BlockingConnection, channel: BlockingChannel, tag: int,
               delivery: Delivery) -> None:
@@ -306,7 +323,10 @@ class QueueConsumer:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
-        self.pool.shutdown(wait=True, cancel_futures=True)
+        for _ in self.workers:
+            self.work.put(None)
+        for worker in self.workers:
+            worker.join(timeout=5)
 
 
 class RabbitBroker:

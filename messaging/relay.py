@@ -32,12 +32,13 @@ class OutboxStore(Protocol):
 class OutboxRelay:
     def __init__(self, store: OutboxStore, broker: Broker, observer: Observer, *,
                  batch_size: int = 500, idle_interval: float = 0.05,
-                 max_backoff: float = 5.0) -> None:
+                 coalesce: float = 0.005, max_backoff: float = 5.0) -> None:
         self.store = store
         self.broker = broker
         self.observer = observer
         self.batch_size = batch_size
         self.idle_interval = idle_interval
+        self.coalesce = coalesce
         self.max_backoff = max_backoff
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -72,7 +73,10 @@ class OutboxRelay:
                 self._stop.wait(backoff)
                 continue
             if claimed < self.batch_size:
-                self._wake.wait(self.idle_interval)
+                if self._wake.wait(self.idle_interval):
+                    # Let the commits landing right now join this batch: under load a batch
+                    # of many rows costs little more than a batch of one.
+                    self._stop.wait(self.coalesce)
                 self._wake.clear()
 
     def stop(self) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import datetime
 from decimal import Decimal
 
-from sqlalchemy import Connection, func, insert, select, update
+from sqlalchemy import Connection, bindparam, func, insert, select, update
 
 from persistence.sql import insert_ignore
 from persistence.tables import accounts, holds, journal
@@ -26,30 +26,42 @@ def from_cents(cents: int) -> Decimal:
     return money(Decimal(cents) / 100)
 
 
+# Hot-path statements are built once; each execution only binds parameters.
+_COUNT_ROUNDS = select(func.count()).select_from(holds).where(
+    holds.c.user_id == bindparam("user_id"), holds.c.stage == "samples",
+    holds.c.month == bindparam("month"), holds.c.status != "released")
+_INSERT_HOLD = insert(holds)
+_CLOSE_HOLD = (update(holds)
+               .where(holds.c.hold_id == bindparam("hid"), holds.c.status == "open")
+               .values(status=bindparam("new_status"), settled_at=bindparam("at"))
+               .returning(holds.c.user_id, holds.c.amount_cents, holds.c.generation_id))
+_ACCOUNT = select(accounts).where(accounts.c.user_id == bindparam("uid"))
+_ACCOUNT_FOR_UPDATE = _ACCOUNT.with_for_update()
+_MOVE = (update(accounts).where(accounts.c.user_id == bindparam("uid"))
+         .values(balance_cents=accounts.c.balance_cents + bindparam("balance_delta"),
+                 held_cents=accounts.c.held_cents + bindparam("held_delta"),
+                 updated_at=bindparam("at")))
+_INSERT_JOURNAL = insert(journal)
+
+
 def count_sample_rounds(conn: Connection, user_id: str, month: str) -> int:
     """Sample rounds reserved this month and not released (the free plan's quota)."""
-    return int(conn.execute(
-        select(func.count()).select_from(holds).where(
-            holds.c.user_id == user_id, holds.c.stage == "samples", holds.c.month == month,
-            holds.c.status != "released")
-    ).scalar_one())
+    return int(conn.execute(_COUNT_ROUNDS, {"user_id": user_id, "month": month}).scalar_one())
 
 
 def record_hold(conn: Connection, hold: HoldRequest, month: str) -> None:
-    conn.execute(insert(holds).values(
-        hold_id=hold.hold_id, user_id=hold.user_id, generation_id=hold.generation_id,
-        stage=hold.stage, amount_cents=to_cents(hold.amount), status="open", month=month,
-        created_at=hold.at))
+    conn.execute(_INSERT_HOLD, {
+        "hold_id": hold.hold_id, "user_id": hold.user_id, "generation_id": hold.generation_id,
+        "stage": hold.stage, "amount_cents": to_cents(hold.amount), "status": "open",
+        "month": month, "created_at": hold.at})
 
 
 def close_hold(conn: Connection, hold_id: str, *, commit: bool,
                at: datetime) -> tuple[str, int, str] | None:
     """Mark an open hold settled; (user_id, cents, generation_id), or None if it was not open."""
-    row = conn.execute(
-        update(holds).where(holds.c.hold_id == hold_id, holds.c.status == "open")
-        .values(status="committed" if commit else "released", settled_at=at)
-        .returning(holds.c.user_id, holds.c.amount_cents, holds.c.generation_id)
-    ).first()
+    row = conn.execute(_CLOSE_HOLD, {"hid": hold_id, "at": at,
+                                     "new_status": "committed" if commit else "released"}
+                       ).first()
     return (row.user_id, row.amount_cents, row.generation_id) if row else None
 
 
@@ -60,10 +72,8 @@ class SqlLedger:
         self.conn = conn
 
     def account(self, user_id: str, *, lock: bool = False) -> Account | None:
-        query = select(accounts).where(accounts.c.user_id == user_id)
-        if lock:
-            query = query.with_for_update()
-        row = self.conn.execute(query).first()
+        row = self.conn.execute(_ACCOUNT_FOR_UPDATE if lock else _ACCOUNT,
+                                {"uid": user_id}).first()
         if row is None:
             return None
         return Account(row.user_id, row.plan, from_cents(row.balance_cents),
@@ -82,8 +92,7 @@ class SqlLedger:
                 f"{money(hold.amount)} credits needed, {money(account.available)} available",
                 required=str(money(hold.amount)), available=str(money(account.available)))
         cents = to_cents(hold.amount)
-        self.conn.execute(update(accounts).where(accounts.c.user_id == hold.user_id).values(
-            held_cents=accounts.c.held_cents + cents, updated_at=hold.at))
+        self._move(hold.user_id, 0, cents, hold.at)
         record_hold(self.conn, hold, month)
         self._journal(hold.user_id, hold.at, "reserve", 0, cents, hold.hold_id,
                       hold.generation_id, f"{hold.stage} hold")
@@ -100,9 +109,7 @@ class SqlLedger:
             return False
         user_id, cents, generation_id = closed
         balance_delta = -cents if commit else 0
-        self.conn.execute(update(accounts).where(accounts.c.user_id == user_id).values(
-            held_cents=accounts.c.held_cents - cents,
-            balance_cents=accounts.c.balance_cents + balance_delta, updated_at=at))
+        self._move(user_id, balance_delta, -cents, at)
         self._journal(user_id, at, "commit" if commit else "release", balance_delta, -cents,
                       hold_id, generation_id, None)
         return True
@@ -118,8 +125,7 @@ class SqlLedger:
     def grant(self, user_id: str, amount: Decimal, reason: str, at: datetime) -> Account:
         self._create(user_id, "free", at)
         cents = to_cents(amount)
-        self.conn.execute(update(accounts).where(accounts.c.user_id == user_id).values(
-            balance_cents=accounts.c.balance_cents + cents, updated_at=at))
+        self._move(user_id, cents, 0, at)
         self._journal(user_id, at, "grant", cents, 0, None, None, reason)
         account = self.account(user_id)
         assert account is not None
@@ -130,10 +136,14 @@ class SqlLedger:
             "user_id": user_id, "plan": plan, "balance_cents": 0, "held_cents": 0,
             "created_at": at, "updated_at": at})
 
+    def _move(self, user_id: str, balance_delta: int, held_delta: int, at: datetime) -> None:
+        self.conn.execute(_MOVE, {"uid": user_id, "balance_delta": balance_delta,
+                                  "held_delta": held_delta, "at": at})
+
     def _journal(self, user_id: str, at: datetime, kind: str, balance_delta: int,
                  held_delta: int, hold_id: str | None, generation_id: str | None,
                  reason: str | None) -> None:
-        self.conn.execute(insert(journal).values(
-            user_id=user_id, at=at, kind=kind, balance_delta_cents=balance_delta,
-            held_delta_cents=held_delta, hold_id=hold_id, generation_id=generation_id,
-            reason=reason))
+        self.conn.execute(_INSERT_JOURNAL, {
+            "user_id": user_id, "at": at, "kind": kind, "balance_delta_cents": balance_delta,
+            "held_delta_cents": held_delta, "hold_id": hold_id, "generation_id": generation_id,
+            "reason": reason})

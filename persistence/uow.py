@@ -7,7 +7,7 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import Connection, Engine, and_, delete, insert, or_, select, update
+from sqlalchemy import Connection, Engine, and_, bindparam, delete, insert, or_, select, update
 
 from persistence.ledger import SqlLedger
 from persistence.sql import insert_ignore
@@ -58,29 +58,37 @@ def saga_from_row(row: Any) -> Generation:
     )
 
 
+# Hot-path statements are built once; each execution only binds parameters.
+_GET = select(generations).where(generations.c.id == bindparam("gid"))
+_GET_FOR_UPDATE = _GET.with_for_update()
+_INSERT_GENERATION = insert(generations)
+_SAVE = (update(generations)
+         .where(generations.c.id == bindparam("gid"),
+                generations.c.version == bindparam("expected_version"))
+         .values(state=bindparam("state"), version=bindparam("new_version"),
+                 updated_at=bindparam("updated_at"), due_at=bindparam("due_at"),
+                 body=bindparam("body")))
+
+
 class SqlGenerations:
     def __init__(self, conn: Connection) -> None:
         self.conn = conn
 
     def get(self, generation_id: str, *, for_update: bool = False) -> Generation | None:
-        query = select(generations).where(generations.c.id == generation_id)
-        if for_update:
-            query = query.with_for_update()
-        row = self.conn.execute(query).first()
+        row = self.conn.execute(_GET_FOR_UPDATE if for_update else _GET,
+                                {"gid": generation_id}).first()
         return saga_from_row(row) if row else None
 
     def add(self, saga: Generation) -> None:
-        self.conn.execute(insert(generations).values(version=0, **saga_to_row(saga)))
+        self.conn.execute(_INSERT_GENERATION, {"version": 0, **saga_to_row(saga)})
         saga.version = 0
 
     def save(self, saga: Generation) -> None:
         row = saga_to_row(saga)
-        del row["id"], row["created_at"]
-        result = self.conn.execute(
-            update(generations)
-            .where(generations.c.id == saga.id, generations.c.version == saga.version)
-            .values(version=saga.version + 1, **row)
-        )
+        result = self.conn.execute(_SAVE, {
+            "gid": saga.id, "expected_version": saga.version, "new_version": saga.version + 1,
+            "state": row["state"], "updated_at": row["updated_at"], "due_at": row["due_at"],
+            "body": row["body"]})
         if result.rowcount != 1:
             raise ConcurrencyConflict(saga.id)
         saga.version += 1
@@ -173,14 +181,16 @@ class SqlInbox:
                                                 "received_at": at})
 
 
+_GET_KEY = select(idempotency_keys).where(idempotency_keys.c.scope == bindparam("scope"),
+                                          idempotency_keys.c.key == bindparam("key"))
+
+
 class SqlIdempotency:
     def __init__(self, conn: Connection) -> None:
         self.conn = conn
 
     def get(self, record: IdempotencyRecord) -> tuple[str, int, Any] | None:
-        row = self.conn.execute(select(idempotency_keys).where(
-            idempotency_keys.c.scope == record.scope, idempotency_keys.c.key == record.key)
-        ).first()
+        row = self.conn.execute(_GET_KEY, {"scope": record.scope, "key": record.key}).first()
         return (row.request_hash, row.status, row.body) if row else None
 
     def put(self, record: IdempotencyRecord, status: int, body: Any, at: datetime) -> None:
