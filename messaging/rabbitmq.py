@@ -339,7 +339,10 @@ class RabbitBroker:
         self.consumers: list[QueueConsumer] = []
 
     def start(self) -> None:
-        self.declare()
+        try:
+            self.declare()
+        except Exception as exc:  # the consumer declares again on every (re)connect
+            log.warning("RabbitMQ not reachable at start-up (%s); will keep trying", exc)
         self.publisher.start()
 
     def declare(self) -> None:

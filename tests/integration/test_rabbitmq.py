@@ -279,3 +279,23 @@ def test_two_service_processes_share_the_work(pg_engine: Any, pg_url: str, amqp_
             p.proc.wait(timeout=15)
 
 
+
+
+def test_service_starts_without_the_broker_and_reports_not_ready(
+        pg_engine: Any, pg_url: str) -> None:
+    from fastapi.testclient import TestClient
+
+    from aigen.bootstrap import build
+    from tests.integration.rabbit_fixtures import settings_for
+
+    runtime = build(settings_for(pg_url, "amqp://guest:guest@127.0.0.1:1/%2F"),
+                    run_migrations=False)
+    runtime.start()  # must not raise: the broker may come up later
+    try:
+        with TestClient(runtime.app) as client:
+            r = client.get("/health/ready")
+            assert r.status_code == 503
+            assert r.json()["checks"] == {"database": True, "broker": False}
+            assert client.get("/health/live").status_code == 200
+    finally:
+        runtime.stop()
