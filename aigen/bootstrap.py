@@ -5,9 +5,9 @@ from __future__ import annotations
 import functools
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -26,16 +26,15 @@ from messaging.rabbitmq import RabbitBroker
 from messaging.relay import OutboxRelay
 from persistence.db import make_engine, migrate
 from persistence.external_billing import ExternalBilling, HttpBillingClient
+from persistence.housekeeping import purge
 from persistence.ledger import SqlLedger
 from persistence.outbox_store import SqlOutboxStore
-from persistence.uow import SqlIdempotency, SqlUnitOfWork
+from persistence.uow import SqlUnitOfWork
 from saga.handlers import SagaService, utcnow
 from saga.messages import RESULTS_QUEUE
 from saga.ports import Billing
 
 log = logging.getLogger(__name__)
-IDEMPOTENCY_RETENTION = timedelta(hours=48)
-
 
 class Sweeper:
     """Fires passed deadlines; one per process, safe side by side (``SKIP LOCKED``)."""
@@ -46,7 +45,7 @@ class Sweeper:
         self.interval = interval
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="deadline-sweeper", daemon=True)
-        self._last_purge = 0.0
+        self._last_purge = -3600.0
 
     def start(self) -> None:
         self._thread.start()
@@ -55,21 +54,20 @@ class Sweeper:
         while not self._stop.is_set():
             try:
                 fired = self.service.fire_due()
-                self._purge_idempotency_keys()
+                self._housekeeping()
             except Exception:
                 log.exception("deadline sweep failed; retrying")
                 fired = 0
             if fired == 0:
                 self._stop.wait(self.interval)
 
-    def _purge_idempotency_keys(self) -> None:
-        import time
-
+    def _housekeeping(self) -> None:
         if time.monotonic() - self._last_purge < 3600:
             return
         self._last_purge = time.monotonic()
-        with self.engine.connect() as conn, conn.begin():
-            SqlIdempotency(conn).purge(utcnow() - IDEMPOTENCY_RETENTION)
+        deleted = purge(self.engine, utcnow())
+        if any(deleted.values()):
+            log.info("housekeeping deleted %s", deleted)
 
     def stop(self) -> None:
         self._stop.set()

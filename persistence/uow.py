@@ -7,7 +7,7 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import Connection, Engine, and_, bindparam, delete, insert, or_, select, update
+from sqlalchemy import Connection, Engine, and_, bindparam, insert, or_, select, update
 
 from persistence.ledger import SqlLedger
 from persistence.sql import insert_ignore
@@ -199,10 +199,6 @@ class SqlIdempotency:
             "status": status, "body": body, "created_at": at,
         }):
             raise IdempotencyRace(record.key)
-
-    def purge(self, before: datetime) -> int:
-        return int(self.conn.execute(
-            delete(idempotency_keys).where(idempotency_keys.c.created_at < before)).rowcount)
 
 
 class SqlUnitOfWork:

@@ -120,3 +120,31 @@ def test_deadlines_survive_a_restart(running_with: Any) -> None:
     second = running_with(samples_deadline_s=1.5)
     assert second.wait_state(gen["id"], "timed_out", timeout=10)["credits"]["released"] == \
         "0.25"
+
+
+def test_housekeeping_trims_only_what_outlived_its_retention(pg_engine: Any) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from sqlalchemy import func, insert, select
+
+    from persistence.housekeeping import purge
+    from persistence.tables import idempotency_keys, inbox, outbox
+
+    now = datetime(2026, 11, 20, tzinfo=UTC)
+    old, recent = now - timedelta(days=8), now - timedelta(hours=1)
+    with pg_engine.begin() as conn:
+        for n, at in enumerate((old, recent)):
+            conn.execute(insert(idempotency_keys).values(
+                scope="s", key=f"k{n}", request_hash="h", status=202, body={}, created_at=at))
+            conn.execute(insert(inbox).values(job_id=f"j{n}", event_type="e",
+                                              generation_id="g", received_at=at))
+            for sent in (at, None):  # an unsent row is never deleted, however old
+                conn.execute(insert(outbox).values(
+                    exchange="x", routing_key="r", message_id=f"m{n}{sent}", correlation_id="c",
+                    type="t", body="{}", created_at=at, sent_at=sent, attempts=0))
+    assert purge(pg_engine, now) == {"idempotency_keys": 1, "outbox": 1, "inbox": 1}
+    with pg_engine.connect() as conn:
+        assert conn.execute(select(idempotency_keys.c.key)).scalars().all() == ["k1"]
+        assert conn.execute(select(inbox.c.job_id)).scalars().all() == ["j1"]
+        assert conn.execute(select(func.count()).select_from(outbox)).scalar_one() == 3
+    assert purge(pg_engine, now) == {"idempotency_keys": 0, "outbox": 0, "inbox": 0}
