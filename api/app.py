@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import hmac
 import json
+import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -57,6 +59,7 @@ from saga.handlers import SagaService
 from saga.inputs import find_nul
 from saga.ports import AlreadyAnswered, IdempotencyRace, IdempotencyRecord
 
+log = logging.getLogger(__name__)
 B = TypeVar("B", bound=BaseModel)
 MAX_BODY_BYTES = 64 * 1024
 
@@ -113,6 +116,14 @@ def create_app(deps: ApiDeps) -> FastAPI:
                                              "the database is unavailable, retry later").body(
                                                  request.url.path), {"Retry-After": "5"})
 
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> Response:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return problem_response(500, Problem(500, "internal_error",
+                                             "something went wrong on our side; nothing was "
+                                             "changed unless the response said so").body(
+                                                 request.url.path))
+
     @app.exception_handler(BillingUnavailable)
     async def _billing_down(request: Request, exc: BillingUnavailable) -> Response:
         return problem_response(503, Problem(503, "billing_unavailable",
@@ -120,11 +131,16 @@ def create_app(deps: ApiDeps) -> FastAPI:
                                              ).body(request.url.path), {"Retry-After": "5"})
 
     # -- auth -------------------------------------------------------------------------------
+    api_keys = [(k.encode(), role) for k, role in deps.api_keys.items()]
+
     def require(*roles: str) -> Callable[[Request], str]:
         def dependency(request: Request) -> str:
             header = request.headers.get("authorization", "")
             scheme, _, key = header.partition(" ")
-            role = deps.api_keys.get(key.strip()) if scheme.lower() == "bearer" else None
+            given = key.strip().encode()
+            # Constant-time comparison: a key must not be guessable from response times.
+            role = next((r for k, r in api_keys if hmac.compare_digest(k, given)), None) \
+                if scheme.lower() == "bearer" else None
             if role is None:
                 raise Problem(401, "unauthorized", "a valid API key is required "
                               "(Authorization: Bearer <key>)")

@@ -1071,3 +1071,16 @@ def test_metrics_are_prometheus_text(client: TestClient) -> None:
     assert "# TYPE aigen_http_request_seconds histogram" in text
     assert re.search(r'aigen_http_request_seconds_count\{[^}]*route="/api/v1/accounts/'
                      r'\{user_id\}"[^}]*status="404"[^}]*\} 1\.0', text), text
+
+
+def test_an_unexpected_error_is_a_problem_response_not_a_bare_500(pg_world: World) -> None:
+    class Broken:
+        def __getattr__(self, name: str) -> Any:
+            raise RuntimeError("a bug")
+
+    app = create_app(ApiDeps(service=Broken(), api_keys=API_KEYS))  # type: ignore[arg-type]
+    with TestClient(app, raise_server_exceptions=False) as lenient:
+        resp = lenient.get("/api/v1/generations/x", headers=SVC)
+    assert resp.status_code == 500
+    assert resp.headers["content-type"].startswith("application/problem+json")
+    assert resp.json()["code"] == "internal_error" and "bug" not in resp.text
