@@ -299,3 +299,64 @@ def test_service_starts_without_the_broker_and_reports_not_ready(
             assert client.get("/health/live").status_code == 200
     finally:
         runtime.stop()
+
+
+def test_database_connections_dropped_mid_run_lose_and_double_nothing(
+        running: Running, pg_url: str) -> None:
+    """Every server connection of the service killed (what a PostgreSQL restart looks like
+    to a client) while generations are in flight: the API answers 503 until the pool has
+    reconnected, the consumer hands results back to the broker, and everything completes."""
+    from sqlalchemy import create_engine, text
+
+    from persistence.db import normalize_url
+
+    dbname = pg_url.rsplit("/", 1)[1]
+    admin = create_engine(normalize_url(pg_url.rsplit("/", 1)[0] + "/postgres"),
+                          isolation_level="AUTOCOMMIT")
+
+    def drop_connections() -> None:
+        with admin.connect() as conn:
+            conn.execute(text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                              "WHERE datname = :db AND pid <> pg_backend_pid()"), {"db": dbname})
+
+    def post(path: str, key: str, body: dict[str, Any]) -> dict[str, Any]:
+        for _ in range(100):  # Odoo retries a 503 with the same Idempotency-Key
+            r = running.client.post(path, json=body,
+                                    headers={**SERVICE, "Idempotency-Key": key})
+            if r.status_code != 503:
+                assert r.status_code in (201, 202), r.text
+                return dict(r.json())
+            time.sleep(0.1)
+        raise AssertionError(f"{path} kept answering 503")
+
+    n = 20
+    url = running.runtime.settings.amqp_url or ""
+    for i in range(n):
+        post(f"/api/v1/accounts/pg-{i}/grants", f"grant-{i}", {"amount": "5.00", "reason": "t"})
+    with ScriptedN8n(url, lambda job: [Reply(
+            "samples_ready" if job["stage"] == "samples" else "final_ready", delay=0.2)]):
+        gens = []
+        for i in range(n):
+            gens.append(post("/api/v1/generations", f"pgdrop-{i}",
+                             {"user_id": f"pg-{i}", "prompt": "p", "format": "tiktok"}))
+            if i % 7 == 3:
+                drop_connections()
+
+        def state(gid: str) -> str:
+            r = running.client.get(f"/api/v1/generations/{gid}", headers=SERVICE)
+            return str(r.json()["state"]) if r.status_code == 200 else "unavailable"
+
+        for gen in gens:
+            wait_for(lambda g=gen["id"]: state(g) == "awaiting_selection", 30)
+            post(f"/api/v1/generations/{gen['id']}/selection", f"pgsel-{gen['id']}",
+                 {"sample_id": "s1"})
+        drop_connections()
+        for gen in gens:
+            wait_for(lambda g=gen["id"]: state(g) == "completed", 30)
+    admin.dispose()
+    running.engine.dispose()  # the test's own pooled connections were killed too
+    wait_for(lambda: ledger_report(running.engine)["unsent"] == 0, message="outbox drained")
+    report = ledger_report(running.engine)
+    assert report["doubled"] == [] and report["open_holds"] == 0
+    assert all(v == (cents("3.75"), 0) for v in report["balances"].values())
+    assert report["journal_sums"] == report["balances"]
