@@ -29,16 +29,17 @@ import threading
 import time
 import uuid
 from collections import Counter
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
-from urllib.parse import quote
 
 import httpx
 import pika
-from sqlalchemy import create_engine, func, select, text
+from sqlalchemy import func, select, text
 
-from persistence.db import make_engine, migrate, normalize_url
+from bench.backends import DEFAULT_AMQP_HOST, DEFAULT_PG, scratch_backends, wait_ready
+from persistence.db import make_engine
 from persistence.tables import accounts, generation_events, generations, holds, journal, outbox
 from tests.support.standin import Reply, ScriptedN8n
 
@@ -110,15 +111,7 @@ class Service:
         log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
         self.proc = subprocess.Popen([sys.executable, "-m", "aigen.cli", "serve"],
                                      env=self.env, stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{self.base}/health/ready", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        raise RuntimeError("aigen serve did not become ready")
+        wait_ready(self.base)
 
     def kill(self) -> None:
         assert self.proc is not None
@@ -152,20 +145,12 @@ def call(client: httpx.Client, method: str, url: str, *, patience: float = 60,
 
 
 def run(generations: int = 300, kills: int = 6, seed: int = 11, deadline: float = 3.0,
-        pg: str = "postgresql://postgres@127.0.0.1:5432/postgres",
-        amqp_host: str = "127.0.0.1:5672", verbose: bool = True) -> dict[str, Any]:
+        pg: str = DEFAULT_PG, amqp_host: str = DEFAULT_AMQP_HOST,
+        verbose: bool = True) -> dict[str, Any]:
     rng = random.Random(seed)
     tag = uuid.uuid4().hex[:6]
-    db, vhost = f"aigen_fi_{tag}", f"aigen-fi-{tag}"
-    admin = create_engine(normalize_url(pg), isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{db}"'))
-    db_url = pg.rsplit("/", 1)[0] + "/" + db
-    migrate(db_url)
-    subprocess.run(["rabbitmqctl", "-q", "add_vhost", vhost], check=True)
-    subprocess.run(["rabbitmqctl", "-q", "set_permissions", "-p", vhost, "guest", ".*", ".*",
-                    ".*"], check=True)
-    amqp = f"amqp://guest:guest@{amqp_host}/{quote(vhost, safe='')}"
+    stack = ExitStack()
+    db_url, amqp = stack.enter_context(scratch_backends("fi", pg, amqp_host))
     env = {"AIGEN_DATABASE_URL": db_url, "AIGEN_AMQP_URL": amqp, "AIGEN_API_KEYS": KEYS,
            "AIGEN_LOG_LEVEL": "WARNING", "AIGEN_SAMPLES_DEADLINE_S": str(deadline),
            "AIGEN_FINAL_DEADLINE_S": str(deadline), "AIGEN_SELECTION_WINDOW_S": "6",
@@ -237,10 +222,7 @@ def run(generations: int = 300, kills: int = 6, seed: int = 11, deadline: float 
     finally:
         service.stop()
         engine.dispose()
-        subprocess.run(["rabbitmqctl", "-q", "delete_vhost", vhost], check=False)
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)'))
-        admin.dispose()
+        stack.close()
 
 
 def steer(client: httpx.Client, refused: Counter[str]) -> None:

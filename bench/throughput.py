@@ -28,14 +28,13 @@ import threading
 import time
 import uuid
 from collections import defaultdict
+from contextlib import ExitStack
 from typing import Any
-from urllib.parse import quote
 
 import httpx
 import pika
-from sqlalchemy import create_engine, text
 
-from persistence.db import migrate, normalize_url
+from bench.backends import DEFAULT_AMQP_HOST, DEFAULT_PG, scratch_backends, wait_ready
 
 KEYS = "service:bench-svc,support:bench-sup"
 HEADERS = {"Authorization": "Bearer bench-svc"}
@@ -249,21 +248,13 @@ def main() -> int:
                         help="load-generating processes (one asyncio client is the bottleneck)")
     parser.add_argument("--read-back", action="store_true",
                         help="also GET each generation once it completes")
-    parser.add_argument("--pg", default="postgresql://postgres@127.0.0.1:5432/postgres")
-    parser.add_argument("--amqp-host", default="127.0.0.1:5672")
+    parser.add_argument("--pg", default=DEFAULT_PG)
+    parser.add_argument("--amqp-host", default=DEFAULT_AMQP_HOST)
     args = parser.parse_args()
 
     tag = uuid.uuid4().hex[:6]
-    db, vhost = f"aigen_bench_{tag}", f"aigen-bench-{tag}"
-    admin = create_engine(normalize_url(args.pg), isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{db}"'))
-    db_url = args.pg.rsplit("/", 1)[0] + "/" + db
-    migrate(db_url)
-    subprocess.run(["rabbitmqctl", "-q", "add_vhost", vhost], check=True)
-    subprocess.run(["rabbitmqctl", "-q", "set_permissions", "-p", vhost, "guest", ".*", ".*",
-                    ".*"], check=True)
-    amqp = f"amqp://guest:guest@{args.amqp_host}/{quote(vhost, safe='')}"
+    stack = ExitStack()
+    db_url, amqp = stack.enter_context(scratch_backends("bench", args.pg, args.amqp_host))
     procs: list[subprocess.Popen[bytes]] = []
     stop = mp.Event()
     standin: mp.Process | None = None
@@ -279,18 +270,10 @@ def main() -> int:
                                           stdout=log, stderr=subprocess.STDOUT))
             bases.append(f"http://127.0.0.1:{port}")
         for base in bases:
-            for _ in range(200):
-                try:
-                    if httpx.get(f"{base}/health/ready", timeout=1).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                time.sleep(0.1)
-            else:
-                raise SystemExit(f"{base} did not become ready")
-        with httpx.Client(base_url=bases[0], headers=HEADERS) as c:
+            wait_ready(base, 20)
+        with httpx.Client(base_url=bases[0], headers=HEADERS) as http:
             for u in range(args.users):
-                c.post(f"/api/v1/accounts/b-{u}/grants",
+                http.post(f"/api/v1/accounts/b-{u}/grants",
                        json={"amount": "100000.00", "reason": "bench"}).raise_for_status()
 
         published: Any = mp.Queue()
@@ -380,10 +363,7 @@ def main() -> int:
                 p.wait(10)
             except subprocess.TimeoutExpired:
                 p.kill()
-        subprocess.run(["rabbitmqctl", "-q", "delete_vhost", vhost], check=False)
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)'))
-        admin.dispose()
+        stack.close()
 
 
 if __name__ == "__main__":
