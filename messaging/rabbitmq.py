@@ -185,8 +185,7 @@ class AsyncPublisher:
             try:
                 self._conn = pika.SelectConnection(
                     self.params, on_open_callback=self._on_open,
-                    on_open_error_callback=lambda _c, err: self._conn.ioloop.stop()  # type: ignore[union-attr]
-                    , on_close_callback=self._on_closed)
+                    on_open_error_callback=self._on_open_error, on_close_callback=self._on_closed)
                 self._conn.ioloop.start()
             except Exception:
                 log.exception("publisher connection failed")
@@ -198,6 +197,10 @@ class AsyncPublisher:
             backoff = 0.5 if time.monotonic() - started > 10 else min(backoff * 2, 10)
             log.warning("publisher disconnected; reconnecting in %.1fs", backoff)
             self._stop.wait(backoff)
+
+    def _on_open_error(self, conn: pika.SelectConnection, error: BaseException) -> None:
+        log.warning("publisher could not connect: %s", error)
+        conn.ioloop.stop()  # _run backs off and tries again
 
     def _on_open(self, conn: pika.SelectConnection) -> None:
         conn.channel(on_open_callback=self._on_channel_open)

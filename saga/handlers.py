@@ -379,7 +379,7 @@ class SagaService:
         account = uow.billing.account(user_id)
         return account.plan if account else "free"
 
-    def _transition(self, uow: UnitOfWork, saga: Generation, trigger: str, actor: str,
+    def _transition(self, uow: UnitOfWork, saga: Generation, trigger: str, actor: it.Actor,
                     now: datetime, plan: str | None = None, **kwargs: Any) -> bool:
         """Fire ``trigger`` and make its intents durable; False if a guard refused it.
 
@@ -406,7 +406,7 @@ class SagaService:
         return True
 
     def _defer_compensation(self, uow: UnitOfWork, saga: Generation, snapshot: Generation,
-                            trigger: str, actor: str, now: datetime,
+                            trigger: str, actor: it.Actor, now: datetime,
                             kwargs: dict[str, Any]) -> None:
         target = saga.state
         saga.__dict__.update(copy.deepcopy(snapshot).__dict__)
@@ -415,7 +415,7 @@ class SagaService:
             comp["tries"] = int(comp.get("tries", 1)) + 1
             saga.compensation = comp
             saga.due_at = now + self.config.compensation_delay(comp["tries"])
-            saga.note(actor, {"compensation": "billing backend still unavailable",  # type: ignore[arg-type]
+            saga.note(actor, {"compensation": "billing backend still unavailable",
                               "tries": comp["tries"]})
             self.observer.count("compensation_retries")
         else:
@@ -433,7 +433,7 @@ class SagaService:
                 self._history(uow, saga, now, intent)
             elif isinstance(intent, it.Reserve):
                 quota = (cfg.prices.free_monthly_sample_rounds
-                         if cfg.prices.quota_applies(plan or "free", intent.stage)  # type: ignore[arg-type]
+                         if cfg.prices.quota_applies(plan or "free", intent.stage)
                          else None)
                 uow.billing.reserve(
                     HoldRequest(intent.hold_id, saga.user_id, saga.id, intent.stage,

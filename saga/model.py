@@ -164,9 +164,9 @@ class Generation:
     def publish_state_change(self, event: EventData) -> None:
         now: datetime = event.kwargs["now"]
         self.updated_at = now
-        dest = event.transition.dest if event.transition else None
-        if dest and dest != event.transition.source:  # type: ignore[union-attr]
-            self.pending.append(it.PublishStateChanged(event.transition.source, dest))  # type: ignore[union-attr]
+        transition = event.transition
+        if transition is not None and transition.dest and transition.dest != transition.source:
+            self.pending.append(it.PublishStateChanged(transition.source, transition.dest))
         if self.terminal:
             self.due_at = None
             self.due_kind = None

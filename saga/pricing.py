@@ -47,7 +47,7 @@ class PriceBook:
             amount = self.final_standard if plan == "free" else ZERO
         return money(amount)
 
-    def quota_applies(self, plan: str, stage: Stage) -> bool:
+    def quota_applies(self, plan: str, stage: str) -> bool:
         return plan == "free" and stage == "samples"
 
 
