@@ -8,6 +8,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,11 @@ from messaging.inprocess import InProcessBroker
 from messaging.rabbitmq import RabbitBroker
 from messaging.relay import OutboxRelay
 from persistence.db import make_engine, migrate
-from persistence.external_billing import ExternalBilling, HttpBillingClient
+from persistence.external_billing import (
+    ExternalBilling,
+    HttpBillingClient,
+    reap_pending_holds,
+)
 from persistence.housekeeping import purge
 from persistence.ledger import SqlLedger
 from persistence.outbox_store import SqlOutboxStore
@@ -39,13 +44,16 @@ log = logging.getLogger(__name__)
 class Sweeper:
     """Fires passed deadlines; one per process, safe side by side (``SKIP LOCKED``)."""
 
-    def __init__(self, service: SagaService, engine: Engine, interval: float) -> None:
+    def __init__(self, service: SagaService, engine: Engine, interval: float,
+                 reap: Callable[[datetime], int] | None = None) -> None:
         self.service = service
         self.engine = engine
         self.interval = interval
+        self.reap = reap  # releases external holds whose reservation never committed
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="deadline-sweeper", daemon=True)
         self._last_purge = -3600.0
+        self._last_reap = -60.0
 
     def start(self) -> None:
         self._thread.start()
@@ -62,6 +70,12 @@ class Sweeper:
                 self._stop.wait(self.interval)
 
     def _housekeeping(self) -> None:
+        if self.reap is not None and time.monotonic() - self._last_reap >= 60:
+            self._last_reap = time.monotonic()
+            released = self.reap(utcnow())
+            if released:
+                log.warning("released %d external holds left pending by a failed request",
+                            released)
         if time.monotonic() - self._last_purge < 3600:
             return
         self._last_purge = time.monotonic()
@@ -122,9 +136,11 @@ def build(settings: Settings, *, broker: Broker | None = None, run_migrations: b
 
     relay_ref: list[OutboxRelay] = []
     billing_factory: Callable[[Connection], Billing] = SqlLedger
+    reap: Callable[[datetime], int] | None = None
     if settings.billing_url:
         client = HttpBillingClient(settings.billing_url, timeout=settings.billing_timeout_s)
         billing_factory = functools.partial(ExternalBilling, client=client)
+        reap = functools.partial(reap_pending_holds, engine, client)
 
     def uow_factory() -> SqlUnitOfWork:
         return SqlUnitOfWork(engine, billing_factory, after_commit=lambda: relay_ref[0].wake())
@@ -134,7 +150,7 @@ def build(settings: Settings, *, broker: Broker | None = None, run_migrations: b
     relay = OutboxRelay(store, broker, observer, batch_size=settings.relay_batch_size)
     relay_ref.append(relay)
     consumer = ResultConsumer(service, broker, observer)
-    sweeper = Sweeper(service, engine, settings.sweeper_interval_s)
+    sweeper = Sweeper(service, engine, settings.sweeper_interval_s, reap)
     observer.gauge("aigen_outbox_backlog", "Outbox rows not yet confirmed by the broker",
                    store.backlog)
 

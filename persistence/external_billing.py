@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import logging
 import time
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
 import httpx
-from sqlalchemy import Connection, func, select
+from sqlalchemy import Connection, Engine, func, select, update
 
 from persistence.ledger import close_hold, count_sample_rounds, from_cents, record_hold
 from persistence.tables import holds
@@ -26,6 +26,40 @@ from saga.ports import Account, HoldRequest
 from saga.pricing import fmt, money
 
 log = logging.getLogger(__name__)
+
+
+PENDING_GRACE = timedelta(minutes=1)  # far longer than a reservation request can take
+
+
+def _mark_released(engine: Engine, hold_id: str) -> None:
+    with engine.begin() as side:
+        side.execute(update(holds).where(holds.c.hold_id == hold_id,
+                                         holds.c.status == "pending")
+                     .values(status="released", settled_at=datetime.now(UTC)))
+
+
+def reap_pending_holds(engine: Engine, client: HttpBillingClient, now: datetime,
+                       limit: int = 100) -> int:
+    """Release remote holds whose reservation never reached a commit of ours.
+
+    A ``pending`` row older than :data:`PENDING_GRACE` belongs to a request that rolled back
+    or to a process that died mid-request: the backend may hold credits for it, nobody will
+    ever settle them, so they are released (idempotently; 404 means nothing was held).
+    """
+    with engine.connect() as conn:
+        stale = conn.execute(select(holds.c.hold_id).where(
+            holds.c.status == "pending", holds.c.created_at < now - PENDING_GRACE)
+            .order_by(holds.c.created_at).limit(limit)).scalars().all()
+    released = 0
+    for hold_id in stale:
+        response = client.call("POST", f"/holds/{hold_id}/release")
+        if response.status_code in (200, 201, 204, 404):
+            _mark_released(engine, hold_id)
+            released += 1
+        else:
+            log.error("billing refused to release stale hold %s: %s", hold_id,
+                      response.status_code)
+    return released
 
 
 class ExternalBillingNotSupported(DomainError):
@@ -72,6 +106,10 @@ class ExternalBilling:
     def __init__(self, conn: Connection, client: HttpBillingClient) -> None:
         self.conn = conn
         self.client = client
+        # A `pending` row committed on a side connection before each remote reservation makes
+        # a crash between the reservation and our commit recoverable. SQLite (one writer at a
+        # time, held by our own transaction) cannot take that side write.
+        self.durable = conn.dialect.name != "sqlite"
         self._reserved: list[str] = []  # holds reserved remotely in this unit of work
 
     def account(self, user_id: str) -> Account | None:
@@ -95,8 +133,12 @@ class ExternalBilling:
         if quota is not None and count_sample_rounds(self.conn, hold.user_id, month) >= quota:
             raise QuotaExceeded(f"the free plan allows {quota} sample rounds per month",
                                 limit=quota, month=month)
-        # Remember it before asking: if the answer is lost, rolling back must still release it.
+        # Remember it before asking: if the answer is lost, rolling back must still release
+        # it — and if this process dies first, the reaper finds the `pending` row and does.
         self._reserved.append(hold.hold_id)
+        if self.durable:
+            with self.conn.engine.connect() as side, side.begin():
+                record_hold(side, hold, month, status="pending")
         response = self.client.call("POST", "/holds", json={
             "hold_id": hold.hold_id, "user_id": hold.user_id, "amount": fmt(hold.amount),
             "reason": f"{hold.stage} for generation {hold.generation_id}"})
@@ -105,7 +147,12 @@ class ExternalBilling:
                                       required=fmt(hold.amount))
         if response.status_code not in (200, 201):
             raise BillingUnavailable(f"unexpected answer {response.status_code} to a hold")
-        record_hold(self.conn, hold, month)
+        if self.durable:
+            self.conn.execute(update(holds).where(holds.c.hold_id == hold.hold_id,
+                                                  holds.c.status == "pending")
+                              .values(status="open"))
+        else:
+            record_hold(self.conn, hold, month)
 
     def prepare_settle(self, hold_id: str, *, commit: bool) -> None:
         op = "commit" if commit else "release"
@@ -123,10 +170,18 @@ class ExternalBilling:
         """The transaction that reserved holds rolled back: release them remotely."""
         for hold_id in self._reserved:
             try:
-                self.prepare_settle(hold_id, commit=False)
+                response = self.client.call("POST", f"/holds/{hold_id}/release")
             except BillingUnavailable:
-                log.error("could not release abandoned hold %s; the billing backend will "
-                          "keep it until released by hand", hold_id)
+                response = None
+            if response is not None and response.status_code in (200, 201, 204):
+                if self.durable:
+                    _mark_released(self.conn.engine, hold_id)
+                continue
+            # Not released yet — or "unknown hold", which may only mean that a reservation
+            # request that timed out on our side is still being served: the pending row stays
+            # and the reaper releases it once such a request must have finished.
+            if not self.durable:
+                log.error("could not release abandoned hold %s; release it by hand", hold_id)
         self._reserved = []
 
     def set_plan(self, user_id: str, plan: str, at: datetime) -> Account:

@@ -49,10 +49,10 @@ def count_sample_rounds(conn: Connection, user_id: str, month: str) -> int:
     return int(conn.execute(_COUNT_ROUNDS, {"user_id": user_id, "month": month}).scalar_one())
 
 
-def record_hold(conn: Connection, hold: HoldRequest, month: str) -> None:
+def record_hold(conn: Connection, hold: HoldRequest, month: str, status: str = "open") -> None:
     conn.execute(_INSERT_HOLD, {
         "hold_id": hold.hold_id, "user_id": hold.user_id, "generation_id": hold.generation_id,
-        "stage": hold.stage, "amount_cents": to_cents(hold.amount), "status": "open",
+        "stage": hold.stage, "amount_cents": to_cents(hold.amount), "status": status,
         "month": month, "created_at": hold.at})
 
 

@@ -150,12 +150,15 @@ holds = Table(
     Column("generation_id", String(36), nullable=False),
     Column("stage", String(16), nullable=False),
     Column("amount_cents", BigInteger, nullable=False),
-    Column("status", String(16), nullable=False),  # open | committed | released
+    # pending (external billing asked, our commit not yet done) | open | committed | released
+    Column("status", String(16), nullable=False),
     Column("month", String(7), nullable=False),
     Column("created_at", UTCDateTime, nullable=False),
     Column("settled_at", UTCDateTime, nullable=True),
     Index(None, "user_id", "stage", "month", "status"),
     Index(None, "generation_id"),
+    Index("ix_holds_pending", "created_at", postgresql_where=text("status = 'pending'"),
+          sqlite_where=text("status = 'pending'")),
 )
 
 # Append-only: every change of an account's balance or held amount is one row here, so

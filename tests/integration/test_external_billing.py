@@ -12,12 +12,18 @@ import functools
 import random
 from collections.abc import Iterator
 from datetime import timedelta
+from decimal import Decimal
 from typing import Any
 
 import pytest
 from sqlalchemy import Engine, select
 
-from persistence.external_billing import ExternalBilling, HttpBillingClient
+from persistence.external_billing import (
+    PENDING_GRACE,
+    ExternalBilling,
+    HttpBillingClient,
+    reap_pending_holds,
+)
 from persistence.tables import holds
 from saga.commands import ApplyResult, Cancel, SelectSample, StartGeneration
 from saga.errors import BillingUnavailable, DomainError, InsufficientCredits
@@ -214,15 +220,70 @@ def test_flaky_slow_backend_still_settles_every_hold_exactly_once(
     while svc.fire_due():
         clock.advance(120)
 
+    # Reservations whose rollback could not reach the backend were left pending: the
+    # sweeper's reaper (run here by hand, with the faults off) releases them.
+    reap_pending_holds(ext_world.engine, HttpBillingClient(billing.url),
+                       clock.now + PENDING_GRACE * 2)
     assert billing.violations == []
     assert "open" not in billing.status_counts()
     with ext_world.engine.connect() as conn:
         mirror = dict(conn.execute(select(holds.c.hold_id, holds.c.status)).all())
     remote = {h: v["status"] for h, v in billing.holds.items()}
-    # Every hold we recorded ended the same way at the backend.
-    assert {h: remote[h] for h in mirror} == mirror
+    # Every hold we recorded ended the same way at the backend; one the backend never
+    # granted (refused, or its request lost) is recorded as released, and none is pending.
+    assert {h: remote.get(h, "released") for h in mirror} == mirror
+    assert set(remote) <= set(mirror)
     settled = [h for h, status in billing.transitions if status != "open"]
     assert len(settled) == len(set(settled)) == len(billing.holds)
     for gid in live:
         assert svc.get(gid)["state"] in ("failed", "timed_out", "expired", "completed",
                                          "cancelled")
+
+
+def test_a_process_dying_after_the_remote_reservation_leaks_no_hold(
+        ext_world: World, billing: BillingStandIn, pg_engine: Engine) -> None:
+    """The backend granted the hold, then the process died before our commit: the pending
+    row survives the crash and the reaper releases the remote hold."""
+    from datetime import UTC, datetime
+
+    from persistence.uow import SqlUnitOfWork
+    from saga.ports import HoldRequest
+
+    billing.open_account("u-1", "free", "10.00")
+    client = HttpBillingClient(billing.url, timeout=0.5, attempts=2, backoff=0.01)
+    at = datetime(2026, 11, 2, 12, 0, tzinfo=UTC)
+    uow = SqlUnitOfWork(pg_engine, functools.partial(ExternalBilling, client=client))
+    with uow:
+        uow.billing.reserve(HoldRequest("h-crash", "u-1", "g-1", "samples",
+                                        Decimal("0.25"), at), quota=None, month="2026-11")
+        uow.billing.abandon = lambda: None  # type: ignore[method-assign] # the process dies
+    assert billing.status_counts() == {"open": 1}
+    with pg_engine.connect() as conn:  # our commit never happened, the pending row did
+        assert conn.execute(select(holds.c.status)).scalars().all() == ["pending"]
+
+    assert reap_pending_holds(pg_engine, client, at + PENDING_GRACE / 2) == 0  # still young
+    assert reap_pending_holds(pg_engine, client, at + PENDING_GRACE * 2) == 1
+    assert billing.status_counts() == {"released": 1}
+    assert billing.accounts["u-1"]["available"] == Decimal("10.00")
+    with pg_engine.connect() as conn:
+        assert conn.execute(select(holds.c.status)).scalars().all() == ["released"]
+    assert reap_pending_holds(pg_engine, client, at + PENDING_GRACE * 3) == 0
+    client.close()
+
+
+def test_a_refused_reservation_is_settled_by_the_reaper(
+        ext_world: World, billing: BillingStandIn) -> None:
+    """A 402 leaves nothing held remotely; the pending row stays until the reaper has made
+    sure no late reservation request can still land, then it is released."""
+    billing.open_account("u-1", "free", "0.10")
+    with pytest.raises(InsufficientCredits):
+        start(ext_world)
+    with ext_world.engine.connect() as conn:
+        assert conn.execute(select(holds.c.status)).scalars().all() == ["pending"]
+    client = HttpBillingClient(billing.url)
+    assert reap_pending_holds(ext_world.engine, client,
+                              ext_world.clock.now + PENDING_GRACE * 2) == 1
+    client.close()
+    with ext_world.engine.connect() as conn:
+        assert conn.execute(select(holds.c.status)).scalars().all() == ["released"]
+    assert billing.holds == {}
