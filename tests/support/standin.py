@@ -71,31 +71,21 @@ def result_body(job: dict[str, Any], reply: Reply) -> tuple[str, bytes]:
     return suffix, json.dumps(body).encode()
 
 
-class ScriptedN8n:
-    """Runs on its own thread with its own connection; ``stop()`` to end it."""
+class _ConsumerThread:
+    """A pika consumer on its own thread that reconnects after a broker restart."""
 
-    def __init__(self, url: str, script: Script = happy, *, prefetch: int = 500) -> None:
+    name = "consumer"
+
+    def __init__(self, url: str) -> None:
         self.url = url
-        self.script = script
-        self.prefetch = prefetch
-        self.jobs: list[dict[str, Any]] = []
-        self.sent = 0
         self.ready = threading.Event()
         self._stop = threading.Event()
-        self._lock = threading.Lock()
-        self._thread = threading.Thread(target=self._run, name="scripted-n8n", daemon=True)
-
-    def __enter__(self) -> ScriptedN8n:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+        self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
 
     def start(self) -> None:
         self._thread.start()
         if not self.ready.wait(20):
-            raise RuntimeError("scripted n8n could not connect")
+            raise RuntimeError(f"{self.name} could not connect")
 
     def stop(self) -> None:
         self._stop.set()
@@ -105,10 +95,34 @@ class ScriptedN8n:
         while not self._stop.is_set():
             try:
                 self._session()
-            except Exception:  # the broker restarted: reconnect, like n8n does
+            except Exception:  # the broker restarted: reconnect, as n8n and consumers do
                 if self._stop.is_set():
                     return
                 time.sleep(0.5)
+
+    def _session(self) -> None:
+        raise NotImplementedError
+
+
+class ScriptedN8n(_ConsumerThread):
+    """Runs on its own thread with its own connection; ``stop()`` to end it."""
+
+    name = "scripted-n8n"
+
+    def __init__(self, url: str, script: Script = happy, *, prefetch: int = 500) -> None:
+        super().__init__(url)
+        self.script = script
+        self.prefetch = prefetch
+        self.jobs: list[dict[str, Any]] = []
+        self.sent = 0
+        self._lock = threading.Lock()
+
+    def __enter__(self) -> ScriptedN8n:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
     def _session(self) -> None:
         conn = pika.BlockingConnection(pika.URLParameters(self.url))
@@ -116,18 +130,28 @@ class ScriptedN8n:
             ch = conn.channel()
             ch.queue_declare(JOBS_QUEUE, passive=True)  # the orchestrator declares it
             ch.basic_qos(prefetch_count=self.prefetch)
+            # Replies are confirmed and the job is acknowledged only once they all are, like
+            # n8n acking when its execution finishes: a broker restart in between makes the
+            # job come back (and the orchestrator sees duplicates), never lose its answer.
+            ch.confirm_delivery()
 
             def on_job(ch: Any, method: Any, _props: Any, body: bytes) -> None:
                 job = json.loads(body)
                 with self._lock:
                     self.jobs.append(job)
-                for reply in self.script(job):
+                replies = self.script(job)
+                for reply in replies:
                     if reply.delay > 0:
                         conn.call_later(reply.delay,
                                         lambda j=job, r=reply: self._publish(ch, j, r))
                     else:
                         self._publish(ch, job, reply)
-                ch.basic_ack(method.delivery_tag)
+                last = max((r.delay for r in replies), default=0.0)
+                if last > 0:
+                    conn.call_later(last + 0.001,
+                                    lambda tag=method.delivery_tag: ch.basic_ack(tag))
+                else:
+                    ch.basic_ack(method.delivery_tag)
 
             ch.basic_consume(JOBS_QUEUE, on_job)
             self.ready.set()
@@ -148,37 +172,24 @@ class ScriptedN8n:
             self.sent += 1
 
 
-class Collector:
+class Collector(_ConsumerThread):
     """Consumes what the Notification Service and Odoo would receive, into lists."""
 
+    name = "collector"
+
     def __init__(self, url: str) -> None:
-        self.url = url
+        super().__init__(url)
         self.notifications: list[dict[str, Any]] = []
         self.events: list[dict[str, Any]] = []
         self.dead: list[tuple[dict[str, Any], bytes]] = []  # (headers, body) from the DLQ
         self.properties: list[Any] = []
-        self._stop = threading.Event()
-        self.ready = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="collector", daemon=True)
 
     def __enter__(self) -> Collector:
-        self._thread.start()
-        if not self.ready.wait(20):
-            raise RuntimeError("collector could not connect")
+        self.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=10)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self._session()
-            except Exception:
-                if self._stop.is_set():
-                    return
-                time.sleep(0.5)
+        self.stop()
 
     def _session(self) -> None:
         conn = pika.BlockingConnection(pika.URLParameters(self.url))
