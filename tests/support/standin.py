@@ -13,7 +13,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Self
 
 import pika
 
@@ -100,6 +100,13 @@ class _ConsumerThread:
                     return
                 time.sleep(0.5)
 
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
     def _session(self) -> None:
         raise NotImplementedError
 
@@ -116,13 +123,6 @@ class ScriptedN8n(_ConsumerThread):
         self.jobs: list[dict[str, Any]] = []
         self.sent = 0
         self._lock = threading.Lock()
-
-    def __enter__(self) -> ScriptedN8n:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     def _session(self) -> None:
         conn = pika.BlockingConnection(pika.URLParameters(self.url))
@@ -183,13 +183,6 @@ class Collector(_ConsumerThread):
         self.events: list[dict[str, Any]] = []
         self.dead: list[tuple[dict[str, Any], bytes]] = []  # (headers, body) from the DLQ
         self.properties: list[Any] = []
-
-    def __enter__(self) -> Collector:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     def _session(self) -> None:
         conn = pika.BlockingConnection(pika.URLParameters(self.url))
