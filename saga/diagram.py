@@ -32,7 +32,7 @@ LAYER_GAP = 92  # horizontal space between two layers of nodes
 ROW_H = 64  # vertical space per slot in a layer
 WAYPOINT_H = 26  # vertical space an edge waypoint takes in a layer
 MARGIN = 24
-LOOP_H = 22
+LOOP_H = 30
 
 
 @dataclass(frozen=True)
@@ -212,7 +212,8 @@ def layout(defn: MachineDefinition) -> Layout:
             points.reverse()
         drawn.append((edge, points))
     width = int(2 * MARGIN + len(columns) * NODE_W + (len(columns) - 1) * LAYER_GAP)
-    height = int(2 * MARGIN + tallest)
+    # Room below the lowest node for the curves of edges going back, not the slots' padding.
+    height = int(max(y for _x, y in positions.values()) + NODE_H / 2 + 44 + MARGIN)
     return Layout(width, height, {s: positions[s] for s in states}, drawn, loops)
 
 
@@ -291,11 +292,13 @@ def render_svg(defn: MachineDefinition, *, current: str | None = None,
         ".edge.taken path{stroke:#2f6fde;stroke-width:2.6}"
         ".edge.taken text{fill:#173f8a;font-weight:700}"
         "</style>",
-        '<defs><marker id="arrow" viewBox="0 0 10 10" refX="9" refY="5" markerWidth="7" '
-        'markerHeight="7" orient="auto-start-reverse"><path d="M0,0L10,5L0,10z" '
+        '<defs><marker id="arrow" viewBox="0 0 10 10" refX="9" refY="5" markerWidth="9" '
+        'markerHeight="9" markerUnits="userSpaceOnUse" orient="auto-start-reverse">'
+        '<path d="M0,0L10,5L0,10z" '
         'fill="#8a94a6"/></marker>'
-        '<marker id="arrow-taken" viewBox="0 0 10 10" refX="9" refY="5" markerWidth="7" '
-        'markerHeight="7" orient="auto-start-reverse"><path d="M0,0L10,5L0,10z" '
+        '<marker id="arrow-taken" viewBox="0 0 10 10" refX="9" refY="5" markerWidth="9" '
+        'markerHeight="9" markerUnits="userSpaceOnUse" orient="auto-start-reverse">'
+        '<path d="M0,0L10,5L0,10z" '
         'fill="#2f6fde"/></marker></defs>',
     ]
     for edge, points in shape.edges:
@@ -328,8 +331,7 @@ def render_svg(defn: MachineDefinition, *, current: str | None = None,
                     f"C{x - 24:.1f},{top - LOOP_H:.1f} {x + 24:.1f},{top - LOOP_H:.1f} "
                     f'{x + 24:.1f},{top:.1f}" marker-end="url(#'
                     f'{"arrow-taken" if on_path else "arrow"})"/>'
-                    f'<text x="{x + 30:.1f}" y="{top - LOOP_H + 8:.1f}" '
-                    f'style="text-anchor:start">{escape(label)}</text></g>')
+                    f'<text x="{x:.1f}" y="{top - LOOP_H + 2:.1f}">{escape(label)}</text></g>')
         parts.append(
             f'{loop}<g class="{" ".join(classes)}" data-state={quoteattr(state)}{attrs}>'
             f"<title>{escape(state)}{' (current)' if state == current else ''}</title>"
