@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
+from datetime import UTC, datetime
 
 import pytest
 from fastapi.testclient import TestClient
@@ -121,3 +122,34 @@ def test_pages_are_sent_with_a_strict_content_security_policy(client: TestClient
     assert client.get("/console/static/console.css").headers["content-type"].startswith(
         "text/css")
     assert client.get("/console/static/views.py").status_code == 404
+
+
+class _RecordingService:
+    def __init__(self, items: list[dict[str, object]], more: bool) -> None:
+        self.items, self.more = items, more
+        self.calls: list[dict[str, object]] = []
+
+    def list_generations(self, **kwargs: object) -> tuple[list[dict[str, object]], object]:
+        self.calls.append(kwargs)
+        cursor = (datetime(2026, 12, 1, 9, 0, tzinfo=UTC), "z") if self.more else None
+        return self.items, cursor
+
+
+def test_the_time_range_bounds_the_search() -> None:
+    items = [{"id": "b", "created_at": "2026-12-01T11:00:00Z"},
+             {"id": "a", "created_at": "2026-12-01T09:30:00Z"}]
+    service = _RecordingService(items, more=True)
+    until = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
+    since = datetime(2026, 12, 1, 10, 0, tzinfo=UTC)
+    page = data.search_generations(service, until=until, since=since)  # type: ignore[arg-type]
+    after = service.calls[0]["after"]
+    assert isinstance(after, tuple) and after[0] > until  # "To" is inclusive
+    assert [g["id"] for g in page.items] == ["b"]
+    assert page.next_cursor is None  # older than "From": no further pages
+
+    service = _RecordingService(items, more=True)
+    page = data.search_generations(service)  # type: ignore[arg-type]
+    assert page.next_cursor is not None
+    assert data.decode_cursor(page.next_cursor) == (datetime(2026, 12, 1, 9, 0, tzinfo=UTC), "z")
+    with pytest.raises(data.BadCursor):
+        data.decode_cursor("not-a-cursor")
