@@ -171,3 +171,23 @@ def test_sign_out_ends_the_session(page: Any, server: Server) -> None:
     assert signed_in not in [c["value"] for c in page.context.cookies()]
     page.goto(f"{server.url}/console/")
     assert page.url.endswith("/console/sign-in")
+
+
+def test_keyboard_only_sign_in_and_opening_an_action(page: Any, server: Server) -> None:
+    generation_id = start_generation(server, f"u-{uuid.uuid4().hex[:8]}")
+    page.goto(f"{server.url}/console/sign-in")
+    assert page.evaluate("document.activeElement.id") == "api-key"  # focused on arrival
+    page.keyboard.type("dev-support-key")
+    page.keyboard.press("Enter")
+    page.wait_for_url(f"{server.url}/console/")
+    assert page.get_by_role("heading", name="Generations", exact=True).is_visible()
+
+    page.goto(f"{server.url}/console/generations/{generation_id}")
+    page.locator("summary", has_text="Cancel generation").focus()
+    page.keyboard.press("Enter")
+    # The opened form puts the cursor in its Reason field.
+    page.wait_for_function("document.activeElement && "
+                           "document.activeElement.id === 'cancel-reason'")
+    page.keyboard.type("typed without a mouse")
+    page.keyboard.press("Tab")
+    assert page.evaluate("document.activeElement.textContent") == "Confirm"
