@@ -191,3 +191,25 @@ def test_keyboard_only_sign_in_and_opening_an_action(page: Any, server: Server) 
     page.keyboard.type("typed without a mouse")
     page.keyboard.press("Tab")
     assert page.evaluate("document.activeElement.textContent") == "Confirm"
+
+
+def test_a_completed_generation_shows_its_final_asset_and_offers_no_action(
+        page: Any, server: Server, screenshot_dir: Path) -> None:
+    generation_id = start_generation(server, f"u-{uuid.uuid4().hex[:8]}", "winter sale")
+    wait_for_state(server, generation_id, "awaiting_selection")
+    chosen = server.api.post(f"/api/v1/generations/{generation_id}/selection",
+                             json={"sample_id": "s2"})
+    assert chosen.status_code == 202, chosen.text
+    wait_for_state(server, generation_id, "completed")
+    sign_in(page, server)
+    page.goto(f"{server.url}/console/generations/{generation_id}")
+    assert page.locator('.diagram [aria-current="step"]').get_attribute(
+        "data-state") == "completed"
+    final = page.get_by_role("img", name="Final asset")
+    final.wait_for()
+    assert page.evaluate("(img) => img.complete && img.naturalWidth > 0",
+                         final.element_handle())
+    assert page.get_by_text("s2 (selected)").is_visible()
+    assert page.get_by_text("No action applies").is_visible()
+    assert page.get_by_text("Cancel generation").count() == 0
+    shoot(page, screenshot_dir, "11-generation-completed")
