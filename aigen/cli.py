@@ -29,6 +29,7 @@ def serve(settings: Settings) -> int:
                 print(f"  {role:8} {key}", flush=True)
     runtime.start()
     print(f"Listening on http://{settings.http_host}:{settings.http_port}", flush=True)
+    print(f"Support console: http://{settings.http_host}:{settings.http_port}/console/", flush=True)
     try:
         uvicorn.run(runtime.app, host=settings.http_host, port=settings.http_port,
                     log_level=settings.log_level.lower(), access_log=False,

@@ -30,6 +30,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from api.console import console_router
 from api.problems import (
     DOMAIN_STATUS,
     Problem,
@@ -37,6 +38,7 @@ from api.problems import (
     problem_response,
     validation_problem,
 )
+from api.routes.support_views import support_views_router
 from api.schemas import (
     CancelBody,
     GrantBody,
@@ -362,6 +364,9 @@ def create_app(deps: ApiDeps) -> FastAPI:
     async def metrics() -> Response:
         """Prometheus text format."""
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    app.include_router(support_views_router(deps))
+    app.include_router(console_router(deps))
 
     if deps.assets_dir is not None:
         deps.assets_dir.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,45 @@
+"""Every change the console can ask for, in one place.
+
+The console's POST handlers check the session and the CSRF token, validate the form, and call
+these functions. Support actions (contract §7: recorded in the saga's history with actor
+``support`` and the reason) need service commands that do not exist yet; until they do, each
+function raises :class:`NotAvailableYet`, which the console shows as a 501 page. Wiring an
+action later means changing only its function here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from saga.handlers import SagaService
+
+
+class NotAvailableYet(Exception):
+    """The service has no command for this action yet (shown as 501 Not Implemented)."""
+
+    def __init__(self, action: str) -> None:
+        super().__init__(f"{action} is not available in this version of the service yet")
+        self.action = action
+
+
+def cancel(service: SagaService, generation_id: str, reason: str) -> dict[str, Any]:
+    # The service's cancel command records actor ``odoo``; a support cancel must say
+    # ``support`` in the history, so it waits for a support command.
+    raise NotAvailableYet("Cancelling a generation from the console")
+
+
+def retry(service: SagaService, generation_id: str, reason: str) -> dict[str, Any]:
+    raise NotAvailableYet("Retrying a parked generation")
+
+
+def resolve(service: SagaService, generation_id: str, reason: str, hold_id: str,
+            outcome: str) -> dict[str, Any]:
+    raise NotAvailableYet("Resolving a hold")
+
+
+def replay_dead_letter(service: SagaService, dead_letter_id: str, reason: str) -> None:
+    raise NotAvailableYet("Replaying a dead letter")
+
+
+def discard_dead_letter(service: SagaService, dead_letter_id: str, reason: str) -> None:
+    raise NotAvailableYet("Discarding a dead letter")

@@ -1,0 +1,63 @@
+"""Read-only views of the state machine: its definition and a saga drawn on it (contract §7).
+
+``GET /api/v1/state-machine`` [service, support] returns the states and transitions read off
+the machine every saga runs on; ``GET /api/v1/generations/{id}/diagram`` [support] draws that
+machine as SVG with the saga's current state and the path its history took marked.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import Response
+from starlette.concurrency import run_in_threadpool
+
+from api.console import data
+from api.console.session import Sessions
+from api.problems import Problem
+from saga.diagram import definition, render_svg, taken_from_history
+from saga.errors import NotFound
+
+
+def support_views_router(deps: Any) -> APIRouter:
+    """``deps`` is the app's ``ApiDeps`` (``service``, ``api_keys``)."""
+    router = APIRouter(prefix="/api/v1", tags=["support"])
+    keys = Sessions(deps.api_keys)
+    machine = definition()
+    machine_json = machine.as_json()
+
+    def require(*roles: str) -> Any:
+        def dependency(request: Request) -> str:
+            scheme, _, key = request.headers.get("authorization", "").partition(" ")
+            role = keys.role_of(key) if scheme.lower() == "bearer" and key.strip() else None
+            if role is None:
+                raise Problem(401, "unauthorized", "a valid API key is required "
+                              "(Authorization: Bearer <key>)")
+            if role not in roles:
+                raise Problem(403, "forbidden", f"this call needs the role {' or '.join(roles)}")
+            return role
+        return Depends(dependency)
+
+    @router.get("/state-machine")
+    async def state_machine(role: str = require("service", "support")) -> Any:
+        """The states and transitions of the machine the service runs (``dest`` null: an
+        internal transition, the saga stays in its state)."""
+        return machine_json
+
+    @router.get("/generations/{generation_id}/diagram",
+                responses={200: {"content": {"image/svg+xml": {}}}})
+    async def diagram(generation_id: str, role: str = require("support")) -> Response:
+        """The machine as SVG; the saga's current state has ``aria-current="step"`` and the
+        states and transitions its history went through have the class ``taken``."""
+        try:
+            history = await run_in_threadpool(data.history, deps.service, generation_id)
+        except NotFound as exc:
+            raise Problem(404, "not_found", exc.message) from None
+        svg = render_svg(machine, current=history["state"],
+                         taken=taken_from_history(history["events"]),
+                         title=f"Generation {generation_id}: {history['state']}")
+        return Response(svg, media_type="image/svg+xml",
+                        headers={"Cache-Control": "no-store"})
+
+    return router
