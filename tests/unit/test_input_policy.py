@@ -276,6 +276,7 @@ def v4_spellings(ip: ipaddress.IPv4Address) -> list[str]:
     ]
 
 
+@settings(deadline=None)  # no timing in tests: the machine's CPU is shared
 @given(internal_v4(), st.sampled_from(["http", "https", "HTTP"]),
        st.sampled_from(["", ":80", ":5432"]))
 def test_every_spelling_of_an_internal_ipv4_address_is_refused(
@@ -298,6 +299,7 @@ def test_a_public_ipv4_address_passes_only_in_dotted_decimal(address: str) -> No
         assert check_odoo_url(f"https://{host}/a.png") is None, host
 
 
+@settings(deadline=None)
 @given(st.ip_addresses(v=4))
 def test_any_ipv4_address_python_calls_non_global_is_refused(ip: ipaddress.IPv4Address) -> None:
     """An oracle independent of the module's table: Python's own classification."""
@@ -306,6 +308,7 @@ def test_any_ipv4_address_python_calls_non_global_is_refused(ip: ipaddress.IPv4A
         assert verdict is not None and str(ip) in verdict
 
 
+@settings(deadline=None)
 @given(st.ip_addresses(v=6))
 def test_any_ipv6_address_python_calls_non_global_is_refused(ip: ipaddress.IPv6Address) -> None:
     verdict = check_odoo_url(f"http://[{ip}]/")
@@ -474,6 +477,7 @@ def test_zero_amount_only_when_allowed() -> None:
     assert check_amount("0.00", allow_zero=True) is None
 
 
+@settings(deadline=None)
 @given(st.text(max_size=14))
 def test_an_accepted_amount_is_only_ascii_digits_and_one_dot(text: str) -> None:
     if check_amount(text) is None:
@@ -562,7 +566,7 @@ def deep_json(draw: st.DrawFn) -> Any:
     return value
 
 
-@settings(max_examples=300)
+@settings(max_examples=300, deadline=None)
 @given(deep_json(), st.booleans(), st.integers(0, 40))
 def test_json_depth_exceeds_agrees_with_max_depth_on_valid_json(
         value: Any, ascii_only: bool, limit: int) -> None:
@@ -570,7 +574,7 @@ def test_json_depth_exceeds_agrees_with_max_depth_on_valid_json(
     assert json_depth_exceeds(raw.encode(), limit) == (max_depth(json.loads(raw)) > limit)
 
 
-@settings(max_examples=300)
+@settings(max_examples=300, deadline=None)
 @given(deep_json())
 def test_loads_bounded_returns_the_value_or_refuses_it_as_too_deep(value: Any) -> None:
     raw = json.dumps(value, ensure_ascii=False).encode()
@@ -586,7 +590,7 @@ JSONISH_BYTES = st.lists(st.sampled_from(
      b"\xff", b"\xc3", b"\x00", b'"a"', b"\\u", b"d800"]), max_size=200).map(b"".join)
 
 
-@settings(max_examples=500)
+@settings(max_examples=500, deadline=None)
 @given(st.binary(max_size=200) | JSONISH_BYTES | st.text(max_size=100).map(str.encode))
 def test_random_bytes_give_a_value_or_a_specific_error(raw: bytes) -> None:
     try:
@@ -596,6 +600,7 @@ def test_random_bytes_give_a_value_or_a_specific_error(raw: bytes) -> None:
     assert max_depth(value) <= JSON_MAX_DEPTH
 
 
+@settings(deadline=None)
 @given(st.integers(33, 5000), st.sampled_from(["[", "{\"a\":"]), st.binary(max_size=20))
 def test_deep_garbage_is_too_deep_or_invalid_never_recursion(
         depth: int, opener: str, tail: bytes) -> None:
@@ -654,7 +659,7 @@ def value_and_reordered(draw: st.DrawFn) -> tuple[Any, Any]:
     return value, shuffle(value)
 
 
-@settings(max_examples=300)
+@settings(max_examples=300, deadline=None)
 @given(value_and_reordered())
 def test_body_hash_ignores_key_order(pair: tuple[Any, Any]) -> None:
     value, reordered = pair
