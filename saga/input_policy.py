@@ -12,6 +12,7 @@ The rules, in brief (``docs/input-rules.md`` states them for callers):
 * URLs from n8n (sample and asset URLs): :func:`check_result_url`.
 * Ids and tokens: :func:`check_sample_id`, :func:`check_asset_format`, :func:`check_user_id`.
 * Money: :func:`parse_amount` / :func:`check_amount`.
+* HTTP request line and headers: :func:`check_request_head`.
 * JSON: :func:`json_depth_exceeds`, :func:`loads_bounded`, :func:`max_depth`,
   :func:`canonical_json`, :func:`body_hash`.
 
@@ -429,6 +430,45 @@ def check_amount(value: object, *, allow_zero: bool = False) -> str | None:
         parse_amount(value, allow_zero=allow_zero)
     except InvalidAmount as exc:
         return str(exc)
+    return None
+
+
+# ------------------------------------------------------------------ request line and headers
+MAX_HEADER_BYTES: Final = 16 * 1024
+MAX_TARGET_BYTES: Final = 8 * 1024
+
+
+@dataclass(frozen=True)
+class HeadRefusal:
+    """Why a request's head is refused: the status, the problem ``code`` and a detail."""
+
+    status: int
+    code: str
+    detail: str
+
+
+def check_request_head(headers: Iterable[tuple[bytes, bytes]], raw_path: bytes,
+                       query_string: bytes = b"", *, max_header_bytes: int = MAX_HEADER_BYTES,
+                       max_target_bytes: int = MAX_TARGET_BYTES) -> HeadRefusal | None:
+    """The limits on an HTTP request's head, from an ASGI scope's parts, or ``None``.
+
+    The request target (path and query, as sent) may have at most ``max_target_bytes``
+    (8 KiB: 414 ``uri_too_long``); all header lines together, counted as ``name: value\r\n``,
+    at most ``max_header_bytes`` (16 KiB, Node.js's default: 431
+    ``request_header_fields_too_large``). This gives the exact limit and a problem response;
+    bounding what the server *buffers* before the app sees the request is the HTTP parser's
+    job (uvicorn's h11 ``h11_max_incomplete_event_size``; its httptools parser has no limit).
+    """
+    target = len(raw_path) + (len(query_string) + 1 if query_string else 0)
+    if target > max_target_bytes:
+        return HeadRefusal(414, "uri_too_long",
+                           f"the request target is limited to {max_target_bytes} bytes")
+    total = 0
+    for name, value in headers:
+        total += len(name) + len(value) + 4
+        if total > max_header_bytes:
+            return HeadRefusal(431, "request_header_fields_too_large",
+                               f"request headers are limited to {max_header_bytes} bytes")
     return None
 
 

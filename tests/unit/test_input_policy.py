@@ -25,6 +25,7 @@ from saga.input_policy import (
     check_amount,
     check_asset_format,
     check_odoo_url,
+    check_request_head,
     check_result_url,
     check_sample_id,
     check_user_id,
@@ -483,6 +484,31 @@ def test_an_accepted_amount_is_only_ascii_digits_and_one_dot(text: str) -> None:
     if check_amount(text) is None:
         assert text.isascii() and text.replace(".", "", 1).isdigit()
         assert parse_amount(text) > 0
+
+
+# ------------------------------------------------------------------ request head
+def test_request_head_within_limits() -> None:
+    headers = [(b"host", b"x"), (b"x-pad", b"a" * (16 * 1024 - 20))]
+    assert check_request_head(headers, b"/" + b"a" * 8191) is None
+    assert check_request_head([], b"/a", b"q" * (8 * 1024 - 3)) is None
+
+
+def test_request_target_over_8k_is_414() -> None:
+    refusal = check_request_head([], b"/" + b"a" * 8192)
+    assert refusal is not None and (refusal.status, refusal.code) == (414, "uri_too_long")
+    refusal = check_request_head([], b"/a", b"q" * (8 * 1024 - 2))
+    assert refusal is not None and refusal.status == 414
+
+
+@pytest.mark.parametrize("headers", [
+    [(b"x-big", b"a" * (16 << 20))],  # the 16 MB header
+    [(b"x-big", b"a" * (16 * 1024 - 8))],  # one byte over, counting "name: value\r\n"
+    [(b"x-%d" % i, b"v") for i in range(2000)],  # many small ones
+])
+def test_request_headers_over_16k_are_431(headers: list[tuple[bytes, bytes]]) -> None:
+    refusal = check_request_head(headers, b"/")
+    assert refusal is not None
+    assert (refusal.status, refusal.code) == (431, "request_header_fields_too_large")
 
 
 # ------------------------------------------------------------------ JSON nesting
