@@ -474,10 +474,11 @@ def check_request_head(headers: Iterable[tuple[bytes, bytes]], raw_path: bytes,
 
 # ------------------------------------------------------------------ JSON
 JSON_MAX_DEPTH: Final = 32
-# A whole string (escapes skipped; an unterminated one runs to the end) or one bracket.
-_STRING_OR_BRACKET = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"?|[\[\]{}]', re.DOTALL)
-_OPENERS: Final = (ord("["), ord("{"))
-_QUOTE: Final = ord('"')
+# A whole string, escapes skipped; an unterminated one runs to the end of the text.
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"?', re.DOTALL)
+_NOT_BRACKETS: Final = bytes(b for b in range(256) if b not in b"[]{}")
+_AS_SQUARE: Final = bytes.maketrans(b"{}", b"[]")
+_OPEN: Final = ord("[")
 
 
 class JsonRefused(ValueError):
@@ -542,11 +543,8 @@ def json_depth_exceeds(raw: bytes | bytearray | memoryview | str,
     if data.count(b"[") + data.count(b"{") <= limit:
         return False  # the common case: not even enough brackets, strings or not
     depth = 0
-    for token in _STRING_OR_BRACKET.finditer(data):
-        first = token.group()[0]
-        if first == _QUOTE:
-            continue
-        if first in _OPENERS:
+    for bracket in _JSON_STRING.sub(b"", data).translate(_AS_SQUARE, _NOT_BRACKETS):
+        if bracket == _OPEN:
             depth += 1
             if depth > limit:
                 return True

@@ -542,7 +542,8 @@ def test_depth_exceeds_stops_on_a_cycle() -> None:
 def test_json_depth_exceeds_ignores_brackets_in_strings(raw: str, depth: int) -> None:
     assert max_depth(json.loads(raw)) == depth
     assert json_depth_exceeds(raw.encode(), depth) is False
-    assert json_depth_exceeds(raw, depth - 1) is (depth > 0)
+    if depth:
+        assert json_depth_exceeds(raw, depth - 1)
 
 
 def test_a_body_nested_100k_deep_never_reaches_the_parser() -> None:
