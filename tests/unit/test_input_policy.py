@@ -618,13 +618,14 @@ JSONISH_BYTES = st.lists(st.sampled_from(
 
 
 @settings(max_examples=500, deadline=None)
-@given(st.binary(max_size=200) | JSONISH_BYTES | st.text(max_size=100).map(str.encode))
-def test_random_bytes_give_a_value_or_a_specific_error(raw: bytes) -> None:
+@given(st.binary(max_size=200) | JSONISH_BYTES | st.text(max_size=100).map(str.encode),
+       st.sampled_from([0, 1, 2, 4, JSON_MAX_DEPTH]))
+def test_random_bytes_give_a_value_or_a_specific_error(raw: bytes, limit: int) -> None:
     try:
-        value = loads_bounded(raw)
+        value = loads_bounded(raw, limit)
     except (JsonTooDeep, JsonInvalid):
         return
-    assert max_depth(value) <= JSON_MAX_DEPTH
+    assert max_depth(value) <= limit
 
 
 @settings(deadline=None)
