@@ -12,7 +12,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, TypeVar
@@ -442,6 +442,8 @@ def _decode_cursor(cursor: str) -> tuple[datetime, str]:
         parsed = datetime.fromisoformat(at)
         if parsed.tzinfo is None or not isinstance(last_id, str):
             raise ValueError
-        return parsed, last_id
+        # Normalise here: a valid timestamp whose offset pushes it past year 1 or 9999 in UTC
+        # (OverflowError) is a malformed cursor, not a failure deep in the query.
+        return parsed.astimezone(UTC), last_id
     except Exception as exc:  # any malformed cursor is the caller's mistake
         raise ValueError("bad cursor") from exc
