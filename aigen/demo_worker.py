@@ -64,8 +64,9 @@ def render_png(path: Path, width: int, height: int, text: str, seed: str, label:
     image = Image.new("RGB", (width, height), background)
     draw = ImageDraw.Draw(image)
     unit = min(width, height)
-    cx, cy = width * (0.35 + digest[4] / 640), height * (0.45 + digest[5] / 640)
-    radius = unit * (0.18 + digest[6] / 1280)
+    # The disc sits below the prompt's first lines, so the text stays readable.
+    cx, cy = width * (0.3 + digest[4] / 640), height * (0.62 + digest[5] / 1600)
+    radius = unit * (0.14 + digest[6] / 2560)
     draw.ellipse((cx - radius, cy - radius, cx + radius, cy + radius), fill=accent)
     size = max(12, unit // 14)
     lines = textwrap.wrap(text, width=max(8, int(width / (size * 0.6))))[:8]

@@ -157,7 +157,7 @@ def test_the_readme_walkthrough_runs_as_written(service: int, tmp_path: Path) ->
     _, (replayed,) = step("The same Idempotency-Key and body again")
     assert replayed["id"] == gen_id and replayed["state"] == "processing_samples"
 
-    text, docs = step("The same key with another body")
+    text, _ = step("The same key with another body")
     assert "refused, as it should be" in text
     assert "idempotency_key_reused" in result.stderr
 
