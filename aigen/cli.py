@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import logging
 import socket
 import sys
+from collections.abc import Iterator
 from importlib import resources
 from typing import Any
 
@@ -53,13 +55,33 @@ def listen_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+@contextlib.contextmanager
+def database_errors(settings: Settings) -> Iterator[None]:
+    """An unreachable or refusing database at start-up is one line, not a traceback."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import OperationalError
+
+    try:
+        yield
+    except OperationalError as exc:
+        url = make_url(settings.resolved_database_url).render_as_string(hide_password=True)
+        reason = str(exc.orig or exc).strip().splitlines()[0]
+        raise StartupError(f"cannot open the database {url} (AIGEN_DATABASE_URL): "
+                           f"{reason}") from None
+
+
 def serve(settings: Settings) -> int:
     import uvicorn
 
     from aigen.bootstrap import build
 
     sock = listen_socket(settings.http_host, settings.http_port)
-    runtime = build(settings)
+    try:
+        with database_errors(settings):
+            runtime = build(settings)
+    except StartupError:
+        sock.close()
+        raise
     if settings.embedded:
         print("aigen-orchestrator (embedded mode: SQLite at "
               f"{settings.resolved_database_url}, in-process broker"
@@ -141,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "migrate":
             from persistence.db import migrate
 
-            migrate(settings.resolved_database_url)
+            with database_errors(settings):
+                migrate(settings.resolved_database_url)
             print("schema is up to date")
             return 0
         return serve(settings)

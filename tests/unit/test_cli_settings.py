@@ -148,3 +148,13 @@ def test_a_taken_port_fails_first_with_one_line_and_a_hint(tmp_path: Path) -> No
     assert "address already in use" in lines[0]
     assert "--port" in lines[0] and "AIGEN_HTTP_PORT" in lines[0]
     assert not (tmp_path / "data" / "aigen.db").exists(), "nothing may start before the bind"
+
+
+def test_an_unreachable_database_is_one_line_without_the_password(tmp_path: Path) -> None:
+    url = f"postgresql://aigen:s3cret@127.0.0.1:{free_port()}/aigen"  # nothing listens there
+    result = run_cli(tmp_path, "serve", "--port", str(free_port()), AIGEN_DATABASE_URL=url)
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "cannot open the database" in lines[0] and "AIGEN_DATABASE_URL" in lines[0]
+    assert "s3cret" not in result.stderr + result.stdout
