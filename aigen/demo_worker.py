@@ -1,10 +1,12 @@
 """The built-in demo worker: plays n8n's part in the embedded mode, over the same messages.
 
-It consumes ``AIGenerationJobRequested`` jobs, renders placeholder PNGs (the prompt on a
-coloured background, at the requested size) into a local folder the API serves under
-``/assets``, and publishes ``AIGenerationProgress`` and ``AIGeneration…Ready`` results exactly
-as the message reference (docs/messages.md) describes. It is a stand-in for a newcomer's
-first run, not an image model.
+It consumes ``AIGenerationJobRequested`` jobs, renders placeholder PNGs into a local folder
+the API serves under ``/assets`` — per sample a background and a disc coloured by the
+sample's seed, the prompt, and the sample id in a badge; the final is the chosen sample's
+seed rendered at the final's size, so it is that sample, large, and a new round (new
+``job_id``, new seeds) looks different — and publishes ``AIGenerationProgress`` and
+``AIGeneration…Ready`` results exactly as the message reference (docs/messages.md)
+describes. It is a stand-in for a newcomer's first run, not an image model.
 
 The embedded broker keeps its queues in memory, so a stop (Ctrl-C) loses a job the worker
 had not answered yet. :func:`redispatch_unanswered` runs at start-up and re-arms the outbox
