@@ -129,7 +129,7 @@ def test_the_readme_walkthrough_runs_as_written(service: int, tmp_path: Path) ->
     gen_id = started["id"]
     assert f"GEN={gen_id}" in text
 
-    _, (ready,) = step("A second later")
+    _, (ready,) = step("Two seconds later")
     assert ready["state"] == "awaiting_selection" and len(ready["samples"]) == 4
     assert ready["credits"]["charged"] == "0.25"
     for sample in ready["samples"]:
