@@ -118,12 +118,14 @@ def port(value: str) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    main_parser = argparse.ArgumentParser(prog="aigen", description=__doc__)
+    main_parser = argparse.ArgumentParser(
+        prog="aigen", description="CreativeFlow's AI generation orchestrator: serve, migrate, "
+        "and print the n8n workflow for operators. `aigen serve --help` lists the settings.")
     sub = main_parser.add_subparsers(dest="command", required=True)
     serve_parser = sub.add_parser(
         "serve", help="run the API, result consumer, outbox relay and sweeper",
-        description="Run the API, result consumer, outbox relay and deadline sweeper. "
-                    "Without AIGEN_AMQP_URL it runs the embedded default: SQLite, an "
+        description="Run the API, result consumer, outbox relay and deadline sweeper.\n"
+                    "Without AIGEN_AMQP_URL it runs the embedded default: SQLite, an\n"
                     "in-process broker and the demo worker.",
         epilog=SETTINGS_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     serve_parser.add_argument("--host", help="interface to listen on (AIGEN_HTTP_HOST, "
