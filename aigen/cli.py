@@ -101,6 +101,8 @@ def serve(settings: Settings) -> int:
                             timeout_keep_alive=settings.http_keepalive_s)
     try:
         uvicorn.Server(config).run(sockets=[sock])
+    except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after its graceful shutdown
+        pass
     finally:
         runtime.stop()
         sock.close()

@@ -136,3 +136,57 @@ def test_a_sample_seed_is_recovered_from_its_url() -> None:
     assert seed_of(key) == "job-1/s2"
     assert seed_of(f"http://127.0.0.1:8000/assets/{key}") == "job-1/s2"
     assert seed_of(None) == ""
+
+
+def test_ctrl_c_on_aigen_serve_mid_job_then_a_restart_completes_the_round(tmp_path: Path) -> None:
+    """The newcomer's case as a process: SIGINT while the demo worker holds the job."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    import httpx
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = int(sock.getsockname()[1])
+    api = f"http://127.0.0.1:{port}/api/v1"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AIGEN_")}
+
+    def serve(delay: str) -> subprocess.Popen[bytes]:
+        log = (tmp_path / f"serve-{delay}.log").open("wb")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "aigen.cli", "serve", "--port", str(port)],
+            env={**env, "AIGEN_DATA_DIR": str(tmp_path), "AIGEN_DEMO_DELAY_S": delay},
+            stdout=log, stderr=subprocess.STDOUT)
+
+        def up() -> bool:
+            assert proc.poll() is None, "aigen serve exited"
+            try:
+                return httpx.get(f"{api}/../../health/ready", timeout=1).status_code == 200
+            except httpx.TransportError:
+                return False
+        wait_until(up, timeout=30, what="aigen serve")
+        return proc
+
+    first = serve("60")
+    try:
+        httpx.post(f"{api}/accounts/u-42/grants", headers=S, timeout=5,
+                   json={"amount": "10.00", "reason": "welcome"}).raise_for_status()
+        gen_id = httpx.post(f"{api}/generations", headers={**S, "Idempotency-Key": "k"},
+                            json=START, timeout=5).json()["id"]
+        time.sleep(1)  # the job is with the worker, which "works" for a minute
+    finally:
+        first.send_signal(signal.SIGINT)
+        assert first.wait(timeout=20) == 0
+    assert "Traceback" not in (tmp_path / "serve-60.log").read_text()
+    second = serve("0.05")
+    try:
+        def ready() -> bool:
+            body = httpx.get(f"{api}/generations/{gen_id}", headers=S, timeout=5).json()
+            return bool(body["state"] == "awaiting_selection")
+        wait_until(ready, timeout=30, what="the round to complete after the restart")
+    finally:
+        second.terminate()
+        second.wait(timeout=20)
