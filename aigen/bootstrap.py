@@ -16,7 +16,7 @@ from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 from sqlalchemy import Connection, Engine, text
 
-from aigen.demo_worker import DemoWorker
+from aigen.demo_worker import DemoWorker, redispatch_unanswered
 from aigen.metrics import PrometheusObserver
 from aigen.settings import Settings
 from api.app import ApiDeps, create_app
@@ -108,6 +108,8 @@ class Runtime:
         self.broker.consume(RESULTS_QUEUE, self.consumer.handle)
         if self.demo_worker:
             self.demo_worker.start()
+            if isinstance(self.broker, InProcessBroker):  # its queues died with the last run
+                redispatch_unanswered(self.engine)
         self.relay.start()
         self.sweeper.start()
 

@@ -28,6 +28,9 @@ def configure(level: str = "INFO", json: bool = False) -> None:
     logging.getLogger("pika").setLevel(logging.WARNING)
     logging.getLogger("transitions").setLevel(logging.WARNING)
     logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
+    # Alembic >= 1.16 announces each of its plugins at INFO on every start; migrations that
+    # actually run are still logged by alembic.runtime.migration.
+    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
     structlog.configure(
         processors=[*processors, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
         logger_factory=structlog.stdlib.LoggerFactory(),

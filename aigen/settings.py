@@ -1,4 +1,9 @@
-"""One typed settings object, read from ``AIGEN_*`` environment variables (contract §6)."""
+"""One typed settings object, read from ``AIGEN_*`` environment variables.
+
+Every setting is validated when the object is built, so a misconfiguration is caught at
+start-up and reported as one line naming the variable (:func:`describe_error`); the full
+list is in the README's configuration table.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +11,7 @@ from datetime import timedelta
 from decimal import Decimal
 from pathlib import Path
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from saga.model import SagaConfig
@@ -14,17 +19,19 @@ from saga.pricing import PriceBook
 
 ROLES = ("service", "support")
 DEV_API_KEYS = "service:dev-service-key,support:dev-support-key"
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+ENV_PREFIX = "AIGEN_"
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="AIGEN_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore")
 
     data_dir: Path = Path(".aigen")
     database_url: str = ""  # empty: an SQLite file in data_dir
     amqp_url: str | None = None  # unset: in-process broker (single process only)
     api_keys: str | None = None  # "role:key,role:key"
     http_host: str = "127.0.0.1"
-    http_port: int = 8000
+    http_port: int = Field(8000, ge=1, le=65535)
     http_keepalive_s: int = Field(30, ge=1)  # keep above the load balancer's idle timeout
     public_url: str | None = None  # base URL the demo worker puts in asset links
 
@@ -61,6 +68,41 @@ class Settings(BaseSettings):
         if value:
             parse_api_keys(value)
         return value
+
+    @field_validator("amqp_url")
+    @classmethod
+    def _check_amqp(cls, value: str | None) -> str | None:
+        if value and not value.startswith(("amqp://", "amqps://")):
+            raise ValueError("expected an amqp:// or amqps:// URL")
+        return value or None
+
+    @field_validator("database_url")
+    @classmethod
+    def _check_database(cls, value: str) -> str:
+        if value and not value.startswith(("sqlite:", "postgresql:", "postgresql+")):
+            raise ValueError("expected a sqlite:/// or postgresql:// URL")
+        return value
+
+    @field_validator("billing_url", "public_url")
+    @classmethod
+    def _check_http_url(cls, value: str | None) -> str | None:
+        if value and not (value.startswith(("http://", "https://")) and len(value) > 8):
+            raise ValueError("expected an http:// or https:// URL")
+        return value or None
+
+    @field_validator("log_level")
+    @classmethod
+    def _check_level(cls, value: str) -> str:
+        if value.upper() not in LOG_LEVELS:
+            raise ValueError(f"expected one of {', '.join(LOG_LEVELS)}")
+        return value.upper()
+
+    @model_validator(mode="after")
+    def _keys_with_broker(self) -> Settings:
+        if self.amqp_url and not self.api_keys:
+            raise ValueError("AIGEN_API_KEYS must be set when AIGEN_AMQP_URL is set "
+                             "(role:key pairs, e.g. service:KEY1,support:KEY2)")
+        return self
 
     @property
     def embedded(self) -> bool:
@@ -107,3 +149,21 @@ def parse_api_keys(value: str) -> dict[str, str]:
             raise ValueError(f"AIGEN_API_KEYS entries must be role:key with role in {ROLES}")
         keys[key] = role
     return keys
+
+
+def describe_error(exc: ValidationError) -> str:
+    """One line per misconfiguration: ``AIGEN_HTTP_PORT: expected …, got 'abc'``."""
+    parts = []
+    for error in exc.errors():
+        loc = [str(p) for p in error.get("loc", ()) if p != "__root__"]
+        message = str(error.get("msg", "invalid value")).removeprefix("Value error, ")
+        if message.startswith("Input should be "):  # pydantic's wording, made an expectation
+            message = "expected " + message.removeprefix("Input should be ").split(",")[0]
+        if not loc:  # a model-level check: its message names the variables itself
+            parts.append(message)
+            continue
+        name = ENV_PREFIX + loc[0].upper()
+        given = error.get("input")
+        suffix = f", got {given!r}" if isinstance(given, str | int | float) else ""
+        parts.append(f"{name}: {message}{suffix}")
+    return "; ".join(parts)

@@ -31,6 +31,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.console import console_router
+from api.docs import install_docs
 from api.problems import (
     DOMAIN_STATUS,
     Problem,
@@ -372,6 +373,7 @@ def create_app(deps: ApiDeps) -> FastAPI:
         deps.assets_dir.mkdir(parents=True, exist_ok=True)
         app.mount("/assets", StaticFiles(directory=deps.assets_dir), name="assets")
 
+    install_docs(app)
     return app
 
 
