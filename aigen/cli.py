@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from importlib import resources
 
@@ -17,6 +18,9 @@ def serve(settings: Settings) -> int:
 
     from aigen.bootstrap import build
 
+    # uvicorn drains on SIGTERM and then re-raises it; with the default action that would kill
+    # the process before `runtime.stop()` lets the relay finish its batch. Exit normally instead.
+    signal.signal(signal.SIGTERM, _exit_cleanly)
     runtime = build(settings)
     if settings.embedded:
         print("aigen-orchestrator (embedded mode: SQLite at "
@@ -37,6 +41,10 @@ def serve(settings: Settings) -> int:
     finally:
         runtime.stop()
     return 0
+
+
+def _exit_cleanly(signum: int, frame: object) -> None:
+    raise SystemExit(0)
 
 
 def main(argv: list[str] | None = None) -> int:
