@@ -12,6 +12,7 @@ Every skip must carry its reason in the artefact itself (``checkov.io/skipN`` an
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -38,6 +39,13 @@ def _tools_venv() -> Path:
 @pytest.fixture(scope="module")
 def checkov() -> Path:
     venv = _tools_venv()
+    venv.parent.mkdir(parents=True, exist_ok=True)
+    with open(venv.parent / f"{venv.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another test run may be installing it right now
+        return _install(venv)
+
+
+def _install(venv: Path) -> Path:
     exe, done = venv / "bin" / "checkov", venv / ".installed"
     if done.exists() and done.read_text() == CHECKOV and exe.exists():
         return exe

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import re
+import shutil
+import subprocess
 from typing import Any
 
 import pytest
 from compose_spec import PyOptions
 
+from tests.conftest import unavailable
 from tests.deploy import artefacts as a
 from tests.n8n_support.runner import N8N_VERSION
 
@@ -105,3 +109,26 @@ def test_env_example_declares_every_variable_the_compose_file_reads() -> None:
     required = {name for name, mod in refs if mod.startswith(":?")}
     assert all("CHANGE_ME" in declared[n] for n in required if SECRET_KEY.search(n))
     assert ".env" in (a.ROOT / ".gitignore").read_text().split()
+
+
+def test_n8n_import_fills_every_placeholder_of_the_shipped_template() -> None:
+    node = shutil.which("node")
+    if node is None:
+        unavailable("node is not installed (n8n needs it too)")
+    env = {"RABBITMQ_USER": "aigen", "RABBITMQ_PASSWORD": "rp", "MINIO_ROOT_USER": "mu",
+           "MINIO_ROOT_PASSWORD": "mp", "IMAGE_API_KEY": "ik", "PATH": "/usr/bin:/bin"}
+    script = str(a.ROOT / "deploy/compose/n8n-credentials.js")
+    template = a.ROOT / "aigen/n8n/credentials.template.json"
+    out = subprocess.run([str(node), script, str(template)], env=env, check=True,
+                         capture_output=True, text=True).stdout
+    assert "CHANGE_ME" not in out and "example.internal" not in out
+    creds = {c["id"]: c for c in json.loads(out)}
+    assert set(creds) == {c["id"] for c in json.loads(template.read_text())}
+    assert creds["AigenRabbitMQ001"]["data"] | {"username": "aigen", "password": "rp",
+                                                 "hostname": "rabbitmq"} == \
+        creds["AigenRabbitMQ001"]["data"]
+    assert creds["AigenObjStoreS3X"]["data"]["endpoint"] == "http://minio:9000"
+    assert creds["AigenImageApiKey"]["data"]["value"] == "Bearer ik"
+    missing = subprocess.run([str(node), script, str(template)], env={"PATH": "/usr/bin:/bin"},
+                             capture_output=True, text=True)
+    assert missing.returncode != 0 and "RABBITMQ_USER is not set" in missing.stderr
