@@ -25,6 +25,7 @@ from sqlalchemy import Engine, select
 from messaging.broker import EXCHANGES
 from persistence.tables import outbox
 from tests.integration.rabbit_fixtures import SERVICE, spawn_serve
+from tests.support.standin import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -110,8 +111,8 @@ def test_sigterm_answers_in_flight_requests_and_leaves_no_unpublished_row_sent(
         body = json.dumps({"user_id": "drain", "prompt": "held across SIGTERM",
                            "format": "instagram_post"}).encode()
         sock, rest = _half_sent_request(serve.port, body)
-        time.sleep(1.0)  # load running, the held request's body half-read
-        assert accepted, "no generation was accepted before SIGTERM"
+        # The load is running (and the relay with it) and the held request's body is half read.
+        wait_for(lambda: len(accepted) >= 10, 30, message="generations accepted before SIGTERM")
 
         serve.proc.send_signal(signal.SIGTERM)
         signalled = time.monotonic()
