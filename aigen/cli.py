@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import errno
 import logging
+import signal
 import socket
 import sys
 from collections.abc import Iterator
@@ -75,6 +76,9 @@ def serve(settings: Settings) -> int:
 
     from aigen.bootstrap import build
 
+    # uvicorn drains on SIGTERM and then re-raises it; with the default action that would kill
+    # the process before `runtime.stop()` lets the relay finish its batch. Exit normally instead.
+    signal.signal(signal.SIGTERM, _exit_cleanly)
     sock = listen_socket(settings.http_host, settings.http_port)
     try:
         with database_errors(settings):
@@ -108,6 +112,10 @@ def serve(settings: Settings) -> int:
         runtime.stop()
         sock.close()
     return 0
+
+
+def _exit_cleanly(signum: int, frame: object) -> None:
+    raise SystemExit(0)
 
 
 def port(value: str) -> int:
