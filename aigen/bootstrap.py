@@ -35,18 +35,21 @@ from persistence.housekeeping import purge
 from persistence.ledger import SqlLedger
 from persistence.outbox_store import SqlOutboxStore
 from persistence.uow import SqlUnitOfWork
-from saga.handlers import SagaService, utcnow
+from saga.commands import FireDeadlines
+from saga.effects import utcnow
+from saga.messagebus import MessageBus
 from saga.messages import RESULTS_QUEUE
 from saga.ports import Billing
+from saga.queries import Queries
 
 log = logging.getLogger(__name__)
 
 class Sweeper:
     """Fires passed deadlines; one per process, safe side by side (``SKIP LOCKED``)."""
 
-    def __init__(self, service: SagaService, engine: Engine, interval: float,
+    def __init__(self, bus: MessageBus, engine: Engine, interval: float,
                  reap: Callable[[datetime], int] | None = None) -> None:
-        self.service = service
+        self.bus = bus
         self.engine = engine
         self.interval = interval
         self.reap = reap  # releases external holds whose reservation never committed
@@ -61,7 +64,7 @@ class Sweeper:
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                fired = self.service.fire_due()
+                fired = self.bus.handle(FireDeadlines())
                 self._housekeeping()
             except Exception:
                 log.exception("deadline sweep failed; retrying")
@@ -92,7 +95,7 @@ class Sweeper:
 class Runtime:
     settings: Settings
     engine: Engine
-    service: SagaService
+    bus: MessageBus
     broker: Broker
     relay: OutboxRelay
     consumer: ResultConsumer
@@ -145,12 +148,12 @@ def build(settings: Settings, *, broker: Broker | None = None, run_migrations: b
     def uow_factory() -> SqlUnitOfWork:
         return SqlUnitOfWork(engine, billing_factory, after_commit=lambda: relay_ref[0].wake())
 
-    service = SagaService(uow_factory, settings.saga_config(), observer=observer)
+    bus = MessageBus(uow_factory, settings.saga_config(), observer=observer)
     store = SqlOutboxStore(engine)
     relay = OutboxRelay(store, broker, observer, batch_size=settings.relay_batch_size)
     relay_ref.append(relay)
-    consumer = ResultConsumer(service, broker, observer)
-    sweeper = Sweeper(service, engine, settings.sweeper_interval_s, reap)
+    consumer = ResultConsumer(bus, broker, observer)
+    sweeper = Sweeper(bus, engine, settings.sweeper_interval_s, reap)
     observer.gauge("aigen_outbox_backlog", "Outbox rows not yet confirmed by the broker",
                    store.backlog)
 
@@ -166,8 +169,8 @@ def build(settings: Settings, *, broker: Broker | None = None, run_migrations: b
         public = settings.public_url or f"http://{settings.http_host}:{settings.http_port}"
         demo_worker = DemoWorker(broker, assets_dir, public, settings.demo_delay_s)
     app = create_app(ApiDeps(
-        service=service, api_keys=settings.resolved_api_keys(),
+        bus=bus, queries=Queries(uow_factory), api_keys=settings.resolved_api_keys(),
         readiness={"database": database_ready, "broker": broker.healthy},
         registry=registry, assets_dir=assets_dir, worker_threads=settings.db_pool_size))
-    return Runtime(settings, engine, service, broker, relay, consumer, sweeper, app, registry,
+    return Runtime(settings, engine, bus, broker, relay, consumer, sweeper, app, registry,
                    demo_worker)

@@ -1,5 +1,5 @@
 """The FastAPI application. Routes authenticate, validate, build a command and call the
-shared :class:`saga.handlers.SagaService`; they hold no business rules."""
+shared :class:`saga.messagebus.MessageBus`; they hold no business rules."""
 
 from __future__ import annotations
 
@@ -53,11 +53,13 @@ from saga.commands import (
     SelectSample,
     SetPlan,
     StartGeneration,
+    StoreResponse,
 )
 from saga.errors import BillingUnavailable, DomainError
-from saga.handlers import SagaService
 from saga.inputs import find_nul
+from saga.messagebus import MessageBus
 from saga.ports import AlreadyAnswered, IdempotencyRace, IdempotencyRecord
+from saga.queries import Queries
 
 log = logging.getLogger(__name__)
 B = TypeVar("B", bound=BaseModel)
@@ -66,7 +68,8 @@ MAX_BODY_BYTES = 64 * 1024
 
 @dataclass
 class ApiDeps:
-    service: SagaService
+    bus: MessageBus
+    queries: Queries
     api_keys: dict[str, str]  # key -> role
     readiness: dict[str, Callable[[], bool]] = field(default_factory=dict)
     registry: CollectorRegistry | None = None
@@ -83,7 +86,7 @@ def create_app(deps: ApiDeps) -> FastAPI:
 
     app = FastAPI(title="aigen-orchestrator", version="0.1.0", lifespan=lifespan,
                   description="CreativeFlow AI generation saga coordinator")
-    service = deps.service
+    bus, queries = deps.bus, deps.queries
     registry = deps.registry or CollectorRegistry()
     latency = Histogram("aigen_http_request_seconds", "HTTP request latency",
                         ["method", "route", "status"], registry=registry,
@@ -203,7 +206,7 @@ def create_app(deps: ApiDeps) -> FastAPI:
             return replay(idem, answered.stored)
         except IdempotencyRace:
             assert idem is not None
-            stored = await run_in_threadpool(service.idempotent_response, idem)
+            stored = await run_in_threadpool(queries.stored_response, idem)
             assert stored is not None
             return replay(idem, stored)
         except DomainError as exc:
@@ -211,10 +214,10 @@ def create_app(deps: ApiDeps) -> FastAPI:
             body_out = problem.body(request.url.path)
             if idem is not None and problem.status != 422:
                 try:
-                    await run_in_threadpool(service.remember_response, idem, problem.status,
-                                            body_out)
+                    await run_in_threadpool(bus.handle, StoreResponse(idem, problem.status,
+                                                                          body_out))
                 except IdempotencyRace:
-                    stored = await run_in_threadpool(service.idempotent_response, idem)
+                    stored = await run_in_threadpool(queries.stored_response, idem)
                     assert stored is not None
                     return replay(idem, stored)
             return problem_response(problem.status, body_out)
@@ -255,13 +258,13 @@ def create_app(deps: ApiDeps) -> FastAPI:
             brand=body.brand.model_dump(), input_assets=body.input_assets,
             sample_count=body.sample_count, project_id=body.project_id,
             metadata=body.metadata)
-        return await command(request, role, body, 202, lambda i: service.start(cmd, i),
+        return await command(request, role, body, 202, lambda i: bus.handle(cmd, i),
                              key_required=True)
 
     @app.get(f"{base}/generations/{{generation_id}}")
     async def get_generation(generation_id: str, role: str = any_role) -> Any:
         """Read one generation."""
-        return await query(service.get, generation_id)
+        return await query(queries.get, generation_id)
 
     @app.post(f"{base}/generations/{{generation_id}}/selection", status_code=202,
               openapi_extra=_body_schema(SelectionBody))
@@ -270,7 +273,7 @@ def create_app(deps: ApiDeps) -> FastAPI:
         """Choose a delivered sample; holds the final's credits and dispatches the final job."""
         body = await parse(request, SelectionBody)
         cmd = SelectSample(generation_id, body.sample_id, body.resolution)
-        return await command(request, role, body, 202, lambda i: service.select(cmd, i))
+        return await command(request, role, body, 202, lambda i: bus.handle(cmd, i))
 
     @app.post(f"{base}/generations/{{generation_id}}/regenerate", status_code=202,
               openapi_extra=_body_schema(RegenerateBody))
@@ -279,7 +282,7 @@ def create_app(deps: ApiDeps) -> FastAPI:
         """Start a new sample round (its own hold) from ``awaiting_selection``."""
         body = await parse(request, RegenerateBody, optional=True)
         cmd = Regenerate(generation_id, body.prompt)
-        return await command(request, role, body, 202, lambda i: service.regenerate(cmd, i))
+        return await command(request, role, body, 202, lambda i: bus.handle(cmd, i))
 
     @app.post(f"{base}/generations/{{generation_id}}/cancel",
               openapi_extra=_body_schema(CancelBody))
@@ -287,7 +290,7 @@ def create_app(deps: ApiDeps) -> FastAPI:
         """Cancel a generation that is not terminal; releases any open hold."""
         body = await parse(request, CancelBody, optional=True)
         cmd = Cancel(generation_id, body.reason)
-        return await command(request, role, body, 200, lambda i: service.cancel(cmd, i))
+        return await command(request, role, body, 200, lambda i: bus.handle(cmd, i))
 
     @app.get(f"{base}/generations")
     async def list_generations(user_id: str | None = None, state: State | None = None,
@@ -307,20 +310,20 @@ def create_app(deps: ApiDeps) -> FastAPI:
                 errors.append({"field": "cursor", "message": "is not a cursor from this API"})
         if errors:
             raise validation_problem(errors)
-        items, next_after = await query(service.list_generations, user_id=user_id, state=state,
+        items, next_after = await query(queries.list_generations, user_id=user_id, state=state,
                                         limit=limit, after=after)
         return {"items": items, "next_cursor": _encode_cursor(next_after) if next_after else None}
 
     @app.get(f"{base}/generations/{{generation_id}}/history")
     async def history(generation_id: str, role: str = support_role) -> Any:
         """The saga's full history: transitions, credit steps, messages in and out, refusals."""
-        return await query(service.history, generation_id)
+        return await query(queries.history, generation_id)
 
     # -- accounts ------------------------------------------------------------------------------
     @app.get(f"{base}/accounts/{{user_id}}")
     async def get_account(user_id: str, role: str = any_role) -> Any:
         """Balance, open holds and what is available."""
-        return await query(service.account, user_id)
+        return await query(queries.account, user_id)
 
     @app.put(f"{base}/accounts/{{user_id}}", openapi_extra=_body_schema(SetPlanBody))
     async def set_plan(user_id: str, request: Request, role: str = service_role) -> Response:
@@ -328,7 +331,7 @@ def create_app(deps: ApiDeps) -> FastAPI:
         _check_user_id(user_id)
         body = await parse(request, SetPlanBody)
         cmd = SetPlan(user_id, body.plan)
-        return await command(request, role, body, 200, lambda i: service.set_plan(cmd, i))
+        return await command(request, role, body, 200, lambda i: bus.handle(cmd, i))
 
     @app.post(f"{base}/accounts/{{user_id}}/grants", status_code=201,
               openapi_extra=_body_schema(GrantBody))
@@ -337,7 +340,7 @@ def create_app(deps: ApiDeps) -> FastAPI:
         _check_user_id(user_id)
         body = await parse(request, GrantBody)
         cmd = Grant(user_id, Decimal(body.amount), body.reason)
-        return await command(request, role, body, 201, lambda i: service.grant(cmd, i))
+        return await command(request, role, body, 201, lambda i: bus.handle(cmd, i))
 
     # -- operations ----------------------------------------------------------------------------
     @app.get("/health/live")

@@ -1,7 +1,8 @@
 """The REST API of contract §3, end to end against PostgreSQL.
 
-The app is built on the real ``SagaService`` (``pg_world``); n8n is played through
-``pg_world.service.apply_result`` and the jobs it would receive come from ``pg_world.jobs()``.
+The app is built on the real message bus (``pg_world``); n8n is played through
+``pg_world.bus.handle(ApplyResult(...))``; the jobs it would receive come from
+``pg_world.jobs()``.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ PROBLEM_FIELDS = {"type", "title", "status", "detail", "code"}
 # ------------------------------------------------------------------ fixtures and helpers
 @pytest.fixture
 def client(pg_world: World) -> Iterator[TestClient]:
-    app = create_app(ApiDeps(service=pg_world.service, api_keys=API_KEYS))
+    app = create_app(ApiDeps(bus=pg_world.bus, queries=pg_world.queries, api_keys=API_KEYS))
     with TestClient(app) as test_client:
         yield test_client
 
@@ -118,7 +119,7 @@ def only_job(world: World, gen_id: str) -> dict[str, Any]:
 def deliver_samples(world: World, gen_id: str) -> None:
     job = only_job(world, gen_id)
     assert job["stage"] == "samples"
-    outcome = world.service.apply_result(ApplyResult(
+    outcome = world.bus.handle(ApplyResult(
         "AIGenerationSamplesReady", gen_id, job["job_id"], samples=samples()))
     assert outcome == "applied"
 
@@ -128,7 +129,7 @@ def deliver_final(world: World, gen_id: str, job: dict[str, Any] | None = None) 
     assert job["stage"] == "final"
     asset = {"url": "s3://creativeflow-assets/final.png", "width": 2048, "height": 2048,
              "format": "png"}
-    outcome = world.service.apply_result(ApplyResult(
+    outcome = world.bus.handle(ApplyResult(
         "AIGenerationFinalAssetReady", gen_id, job["job_id"], asset=asset))
     assert outcome == "applied"
 
@@ -280,8 +281,8 @@ def test_nul_characters_are_refused_not_a_500(pg_world: World, method: str, path
                                               who: str, send: dict[str, Any],
                                               allowed: set[int]) -> None:
     """PostgreSQL cannot store U+0000: such input is a 4xx problem (or stored), never a 500."""
-    app = create_app(ApiDeps(service=pg_world.service, api_keys=API_KEYS))
-    pg_world.service.grant(Grant("u-42", Decimal("10.00"), "seed"))
+    app = create_app(ApiDeps(bus=pg_world.bus, queries=pg_world.queries, api_keys=API_KEYS))
+    pg_world.bus.handle(Grant("u-42", Decimal("10.00"), "seed"))
     headers = {**(SVC if who == "svc" else SUP), **key()}
     with TestClient(app, raise_server_exceptions=False) as lenient:
         resp = lenient.request(method, path, headers=headers, **send)
@@ -449,17 +450,17 @@ def test_insufficient_credits_dispatches_nothing(client: TestClient, pg_world: W
 
 
 def test_free_plan_monthly_quota(client: TestClient, pg_world: World) -> None:
-    svc = pg_world.service
-    svc.grant(Grant("u-42", Decimal("50.00"), "seed"))
+    svc = pg_world
+    svc.bus.handle(Grant("u-42", Decimal("50.00"), "seed"))
     fmt = {"name": "instagram_post", "width": 1080, "height": 1080}
-    ids = [svc.start(StartGeneration(user_id="u-42", prompt=f"p{i}", format=fmt))["id"]
+    ids = [svc.bus.handle(StartGeneration(user_id="u-42", prompt=f"p{i}", format=fmt))["id"]
            for i in range(100)]
     pg_world.jobs()
     assert_problem(start(client), 402, "quota_exceeded")
     assert account(client)["held"] == "25.00"
 
     # a released round no longer counts
-    svc.cancel(Cancel(ids[0]))
+    svc.bus.handle(Cancel(ids[0]))
     assert start(client).status_code == 202
     assert_problem(start(client), 402, "quota_exceeded")
 
@@ -905,8 +906,8 @@ def test_history_records_every_step_in_order(client: TestClient, pg_world: World
     asset = {"url": "s3://creativeflow-assets/f.png", "width": 4096, "height": 4096,
              "format": "png"}
     result = ApplyResult("AIGenerationFinalAssetReady", gen_id, final_job["job_id"], asset=asset)
-    assert pg_world.service.apply_result(result) == "applied"
-    assert pg_world.service.apply_result(result) == "duplicate"
+    assert pg_world.bus.handle(result) == "applied"
+    assert pg_world.bus.handle(result) == "duplicate"
 
     resp = client.get(f"{GENERATIONS}/{gen_id}/history", headers=SUP)
     assert resp.status_code == 200
@@ -1037,7 +1038,7 @@ def test_account_paths_check_the_user_id(client: TestClient) -> None:
 
 # ------------------------------------------------------------------ operations
 def test_health_live_and_ready(pg_world: World) -> None:
-    deps = ApiDeps(service=pg_world.service, api_keys=API_KEYS,
+    deps = ApiDeps(bus=pg_world.bus, queries=pg_world.queries, api_keys=API_KEYS,
                    readiness={"database": lambda: True, "broker": lambda: True})
     with TestClient(create_app(deps)) as test_client:
         live = test_client.get("/health/live")
@@ -1052,7 +1053,7 @@ def test_ready_is_503_when_a_dependency_is_down(pg_world: World) -> None:
         raise ConnectionError("refused")
 
     for broker in (lambda: False, broken):
-        deps = ApiDeps(service=pg_world.service, api_keys=API_KEYS,
+        deps = ApiDeps(bus=pg_world.bus, queries=pg_world.queries, api_keys=API_KEYS,
                        readiness={"database": lambda: True, "broker": broker})
         with TestClient(create_app(deps)) as test_client:
             ready = test_client.get("/health/ready")
@@ -1078,7 +1079,8 @@ def test_an_unexpected_error_is_a_problem_response_not_a_bare_500(pg_world: Worl
         def __getattr__(self, name: str) -> Any:
             raise RuntimeError("a bug")
 
-    app = create_app(ApiDeps(service=Broken(), api_keys=API_KEYS))  # type: ignore[arg-type]
+    app = create_app(ApiDeps(bus=pg_world.bus, queries=Broken(),  # type: ignore[arg-type]
+                             api_keys=API_KEYS))
     with TestClient(app, raise_server_exceptions=False) as lenient:
         resp = lenient.get("/api/v1/generations/x", headers=SVC)
     assert resp.status_code == 500

@@ -1,7 +1,7 @@
-"""The real command handlers (``SagaService``) on SQLite with the in-process broker.
+"""The real command handlers (through ``MessageBus``) on SQLite with the in-process broker.
 
 Covers contract §1 (saga rules), §2 (credits, plans, quota), the history rules of §3 and the
-message shapes of §4. Time is driven by ``world.clock`` and ``service.fire_due()``.
+message shapes of §4. Time is driven by ``world.clock`` and ``bus.handle(FireDeadlines())``.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from persistence.tables import holds, journal
 from saga.commands import (
     ApplyResult,
     Cancel,
+    FireDeadlines,
     Grant,
     Regenerate,
     SelectSample,
@@ -50,12 +51,12 @@ ASSET = {"url": "s3://creativeflow-assets/k/final.png", "width": 1152, "height":
 def fund(world: World, user: str = "u-1", amount: str = "10.00",
          plan: str | None = None) -> None:
     if plan is not None:
-        world.service.set_plan(SetPlan(user, plan))
-    world.service.grant(Grant(user, Decimal(amount), "test"))
+        world.bus.handle(SetPlan(user, plan))
+    world.bus.handle(Grant(user, Decimal(amount), "test"))
 
 
 def start(world: World, user: str = "u-1", **kw: Any) -> dict[str, Any]:
-    return world.service.start(StartGeneration(user_id=user, prompt="spring sale banner",
+    return world.bus.handle(StartGeneration(user_id=user, prompt="spring sale banner",
                                                format=FORMAT, **kw))
 
 
@@ -72,7 +73,7 @@ def result(world: World, gen_id: str, job_id: str, event_type: str, **kw: Any) -
         kw.setdefault("asset", dict(ASSET))
     elif event_type == FAILED:
         kw.setdefault("error", dict(FATAL))
-    return world.service.apply_result(ApplyResult(event_type, gen_id, job_id, **kw))
+    return world.bus.handle(ApplyResult(event_type, gen_id, job_id, **kw))
 
 
 def to_awaiting(world: World, user: str = "u-1") -> tuple[dict[str, Any], dict[str, Any]]:
@@ -80,18 +81,18 @@ def to_awaiting(world: World, user: str = "u-1") -> tuple[dict[str, Any], dict[s
     gen = start(world, user)
     job = one_job(world)
     assert result(world, gen["id"], job["job_id"], SAMPLES_READY) == "applied"
-    return world.service.get(gen["id"]), job
+    return world.queries.get(gen["id"]), job
 
 
 def to_final(world: World, resolution: str = "standard",
              user: str = "u-1") -> tuple[dict[str, Any], dict[str, Any]]:
     gen, _ = to_awaiting(world, user)
-    gen = world.service.select(SelectSample(gen["id"], "s2", resolution))
+    gen = world.bus.handle(SelectSample(gen["id"], "s2", resolution))
     return gen, one_job(world)
 
 
 def events(world: World, gen_id: str, kind: str | None = None) -> list[dict[str, Any]]:
-    evs = world.service.history(gen_id)["events"]
+    evs = world.queries.history(gen_id)["events"]
     return [e for e in evs if kind is None or e["kind"] == kind]
 
 
@@ -105,7 +106,7 @@ def credit_ops(world: World, gen_id: str) -> list[tuple[str, str, str]]:
 
 
 def account(world: World, user: str = "u-1") -> dict[str, Any]:
-    return world.service.account(user)
+    return world.queries.account(user)
 
 
 def notification_types(world: World) -> list[str]:
@@ -120,13 +121,13 @@ def hold_rows(world: World) -> list[Any]:
 def snapshot(world: World, gen_id: str, user: str = "u-1") -> tuple[Any, ...]:
     """Everything a refused call must leave alone (history aside)."""
     world.pump()
-    return (world.service.get(gen_id), account(world, user), len(world.broker.published),
+    return (world.queries.get(gen_id), account(world, user), len(world.broker.published),
             [tuple(r) for r in hold_rows(world)])
 
 
 # ------------------------------------------------------------------ start refusals (§2)
 def assert_nothing_persisted(world: World) -> None:
-    items, _ = world.service.list_generations(user_id=None, state=None, limit=10, after=None)
+    items, _ = world.queries.list_generations(user_id=None, state=None, limit=10, after=None)
     assert items == []
     assert world.jobs() == [] and world.broker.published == []
     assert hold_rows(world) == []
@@ -169,7 +170,7 @@ def test_free_quota_counts_regenerations_and_not_released_rounds(world: World) -
     rounds don't (contract §2)."""
     fund(world, amount="50.00")
     gen, _ = to_awaiting(world)
-    world.service.regenerate(Regenerate(gen["id"]))  # round 2 of the month
+    world.bus.handle(Regenerate(gen["id"]))  # round 2 of the month
     gens = use_rounds(world, 98)  # rounds 3..100
     assert len([r for r in hold_rows(world) if r.stage == "samples"]) == 100
 
@@ -179,7 +180,7 @@ def test_free_quota_counts_regenerations_and_not_released_rounds(world: World) -
     assert account(world) == before and world.jobs() == []
 
     # releasing a round frees a slot, committing one does not
-    world.service.cancel(Cancel(gens[0]["id"]))
+    world.bus.handle(Cancel(gens[0]["id"]))
     start(world)
     with pytest.raises(QuotaExceeded):
         start(world)
@@ -191,7 +192,7 @@ def test_free_quota_refuses_a_regeneration(world: World) -> None:
     use_rounds(world, 99)
     before = snapshot(world, gen["id"])
     with pytest.raises(QuotaExceeded):
-        world.service.regenerate(Regenerate(gen["id"]))
+        world.bus.handle(Regenerate(gen["id"]))
     assert snapshot(world, gen["id"]) == before
     assert rejections(world, gen["id"]) == ["quota_exceeded"]
 
@@ -225,7 +226,7 @@ def test_pro_plan_waives_samples_and_standard_final(world: World) -> None:
         ("waived", "samples", None, "0.00"), ("waived", "final", None, "0.00")]
     assert hold_rows(world) == []
     assert result(world, gen["id"], job["job_id"], FINAL_READY) == "applied"
-    assert world.service.get(gen["id"])["credits"] == {"held": "0.00", "charged": "0.00",
+    assert world.queries.get(gen["id"])["credits"] == {"held": "0.00", "charged": "0.00",
                                                        "released": "0.00"}
     assert account(world)["balance"] == "5.00"
 
@@ -236,7 +237,7 @@ def test_pro_plan_pays_for_a_high_resolution_final(world: World) -> None:
     assert gen["credits"]["held"] == "2.00"
     assert account(world)["available"] == "3.00"
     assert result(world, gen["id"], job["job_id"], FINAL_READY) == "applied"
-    assert world.service.get(gen["id"])["credits"] == {"held": "0.00", "charged": "2.00",
+    assert world.queries.get(gen["id"])["credits"] == {"held": "0.00", "charged": "2.00",
                                                        "released": "0.00"}
     assert credit_ops(world, gen["id"]) == [("waived", "samples", "0.00"),
                                             ("reserve", "final", "2.00"),
@@ -246,11 +247,11 @@ def test_pro_plan_pays_for_a_high_resolution_final(world: World) -> None:
 
 
 def test_pro_account_without_balance_cannot_select_high(world: World) -> None:
-    world.service.set_plan(SetPlan("u-1", "pro"))
+    world.bus.handle(SetPlan("u-1", "pro"))
     gen, _ = to_awaiting(world)
     before = snapshot(world, gen["id"])
     with pytest.raises(InsufficientCredits):
-        world.service.select(SelectSample(gen["id"], "s1", "high"))
+        world.bus.handle(SelectSample(gen["id"], "s1", "high"))
     assert snapshot(world, gen["id"]) == before
     assert rejections(world, gen["id"]) == ["insufficient_credits"]
 
@@ -260,7 +261,7 @@ def test_select_of_an_unknown_sample_is_refused_and_recorded(world: World) -> No
     gen, _ = to_awaiting(world)
     before = snapshot(world, gen["id"])
     with pytest.raises(UnknownSample):
-        world.service.select(SelectSample(gen["id"], "s7", "standard"))
+        world.bus.handle(SelectSample(gen["id"], "s7", "standard"))
     assert snapshot(world, gen["id"]) == before
     (rejected,) = events(world, gen["id"], "rejected")
     assert rejected["actor"] == "odoo" and rejected["detail"]["reason"] == "unknown_sample"
@@ -276,7 +277,7 @@ def test_duplicate_result_is_refused_and_changes_nothing(world: World) -> None:
     assert result(world, gen["id"], job["job_id"], SAMPLES_READY,
                   samples=sample_list(2)) == "duplicate"
     assert snapshot(world, gen["id"]) == before
-    assert world.service.get(gen["id"])["samples"] == sample_list()
+    assert world.queries.get(gen["id"])["samples"] == sample_list()
     assert rejections(world, gen["id"]) == ["duplicate"]
 
 
@@ -287,7 +288,7 @@ def test_result_for_a_retried_job_is_stale(world: World) -> None:
     first = one_job(world)
     assert result(world, gen["id"], first["job_id"], FAILED, error=RETRYABLE) == "applied"
     world.clock.advance(1)
-    assert world.service.fire_due() == 1
+    assert world.bus.handle(FireDeadlines()) == 1
     second = one_job(world)
     before = snapshot(world, gen["id"])
     assert result(world, gen["id"], first["job_id"], SAMPLES_READY) == "stale_job"
@@ -302,7 +303,7 @@ def test_result_while_waiting_for_a_retry_is_stale(world: World) -> None:
     job = one_job(world)
     result(world, gen["id"], job["job_id"], FAILED, error=RETRYABLE)
     assert result(world, gen["id"], job["job_id"], SAMPLES_READY) == "stale_job"
-    assert world.service.get(gen["id"])["state"] == "processing_samples"
+    assert world.queries.get(gen["id"])["state"] == "processing_samples"
 
 
 def test_result_of_the_wrong_type_for_the_state_is_refused(world: World) -> None:
@@ -354,7 +355,7 @@ def test_progress_is_notified_and_changes_nothing(world: World) -> None:
     assert [m.routing_key for m in progress] == ["notification.generation.progress"] * 2
     assert [m.body["type"] for m in progress] == ["progress", "progress"]
     assert [m.body["data"]["percent"] for m in progress] == [40, 60]
-    assert world.service.get(gen["id"]) == before[0]
+    assert world.queries.get(gen["id"]) == before[0]
     assert account(world) == before[1]
     assert [e["detail"].get("percent") for e in events(world, gen["id"], "message_in")] == [
         40, 60]
@@ -375,17 +376,17 @@ def test_retryable_failure_is_redispatched_after_the_backoff(world: World) -> No
     gen = start(world)
     first = one_job(world)
     assert result(world, gen["id"], first["job_id"], FAILED, error=RETRYABLE) == "applied"
-    assert world.service.get(gen["id"])["credits"]["held"] == "0.25"  # the hold stays
+    assert world.queries.get(gen["id"])["credits"]["held"] == "0.25"  # the hold stays
     assert world.jobs() == []
     world.clock.advance(0.5)
-    assert world.service.fire_due() == 0  # backoff not over yet
+    assert world.bus.handle(FireDeadlines()) == 0  # backoff not over yet
     world.clock.advance(0.5)
-    assert world.service.fire_due() == 1
+    assert world.bus.handle(FireDeadlines()) == 1
     second = one_job(world)
     assert second["job_id"] != first["job_id"] and second["attempt"] == 2
     assert second["stage"] == "samples"
     assert second["deadline_at"] == _iso(world.clock.now + timedelta(seconds=120))
-    view = world.service.get(gen["id"])
+    view = world.queries.get(gen["id"])
     assert view["attempt"] == 2 and view["state"] == "processing_samples"
     assert account(world)["held"] == "0.25"
 
@@ -400,7 +401,7 @@ def fail_every_attempt(world: World, gen_id: str) -> list[dict[str, Any]]:
         assert result(world, gen_id, jobs[-1]["job_id"], FAILED, error=RETRYABLE) == "applied"
         if attempt < world.config.max_attempts:
             world.clock.advance(world.config.retry_delay(attempt).total_seconds())
-            assert world.service.fire_due() == 1
+            assert world.bus.handle(FireDeadlines()) == 1
             jobs.append(one_job(world))
     return jobs
 
@@ -411,7 +412,7 @@ def test_samples_fail_after_max_attempts_and_release_the_hold(world: World) -> N
     jobs = fail_every_attempt(world, gen["id"])
     assert [j["attempt"] for j in jobs] == [1, 2, 3]
     assert len({j["job_id"] for j in jobs}) == 3
-    view = world.service.get(gen["id"])
+    view = world.queries.get(gen["id"])
     assert view["state"] == "failed"
     assert view["credits"] == {"held": "0.00", "charged": "0.00", "released": "0.25"}
     assert account(world)["available"] == "10.00" and account(world)["balance"] == "10.00"
@@ -423,9 +424,9 @@ def test_samples_fail_after_max_attempts_and_release_the_hold(world: World) -> N
 def test_final_fails_after_max_attempts_back_to_selection(world: World) -> None:
     fund(world)
     gen, _ = to_awaiting(world)
-    world.service.select(SelectSample(gen["id"], "s1", "standard"))
+    world.bus.handle(SelectSample(gen["id"], "s1", "standard"))
     fail_every_attempt(world, gen["id"])
-    view = world.service.get(gen["id"])
+    view = world.queries.get(gen["id"])
     assert view["state"] == "awaiting_selection"
     assert view["error"]["code"] == "final_failed"
     assert view["credits"] == {"held": "0.00", "charged": "0.25", "released": "1.00"}
@@ -440,17 +441,17 @@ def test_samples_deadline_times_out_and_releases(world: World) -> None:
     job = one_job(world)
     assert gen["deadline_at"] == _iso(world.clock.now + timedelta(seconds=120))
     world.clock.advance(119)
-    assert world.service.fire_due() == 0
+    assert world.bus.handle(FireDeadlines()) == 0
     world.clock.advance(1)
-    assert world.service.fire_due() == 1
-    view = world.service.get(gen["id"])
+    assert world.bus.handle(FireDeadlines()) == 1
+    view = world.queries.get(gen["id"])
     assert view["state"] == "timed_out" and view["deadline_at"] is None
     assert view["credits"] == {"held": "0.00", "charged": "0.00", "released": "0.25"}
-    assert world.service.fire_due() == 0  # fires once
+    assert world.bus.handle(FireDeadlines()) == 0  # fires once
     # a late result is refused and never charged
     assert result(world, gen["id"], job["job_id"], SAMPLES_READY) == "wrong_state"
     assert account(world)["balance"] == "10.00"
-    assert world.service.get(gen["id"])["credits"]["charged"] == "0.00"
+    assert world.queries.get(gen["id"])["credits"]["charged"] == "0.00"
     assert notification_types(world) == ["timed_out"]
 
 
@@ -458,8 +459,8 @@ def test_final_deadline_returns_to_selection(world: World) -> None:
     fund(world)
     gen, job = to_final(world)
     world.clock.advance(600)
-    assert world.service.fire_due() == 1
-    view = world.service.get(gen["id"])
+    assert world.bus.handle(FireDeadlines()) == 1
+    view = world.queries.get(gen["id"])
     assert view["state"] == "awaiting_selection"
     assert view["error"]["code"] == "final_timed_out"
     assert view["credits"] == {"held": "0.00", "charged": "0.25", "released": "1.00"}
@@ -474,13 +475,13 @@ def test_late_final_after_reselection_is_stale(world: World) -> None:
     fund(world)
     gen, old = to_final(world)
     world.clock.advance(600)
-    world.service.fire_due()
-    world.service.select(SelectSample(gen["id"], "s3", "standard"))
+    world.bus.handle(FireDeadlines())
+    world.bus.handle(SelectSample(gen["id"], "s3", "standard"))
     new = one_job(world)
     assert result(world, gen["id"], old["job_id"], FINAL_READY) == "stale_job"
-    assert world.service.get(gen["id"])["state"] == "processing_final"
+    assert world.queries.get(gen["id"])["state"] == "processing_final"
     assert result(world, gen["id"], new["job_id"], FINAL_READY) == "applied"
-    assert world.service.get(gen["id"])["credits"] == {"held": "0.00", "charged": "1.25",
+    assert world.queries.get(gen["id"])["credits"] == {"held": "0.00", "charged": "1.25",
                                                        "released": "1.00"}
     assert account(world)["balance"] == "8.75"
 
@@ -489,22 +490,22 @@ def test_selection_window_expires(world: World) -> None:
     fund(world)
     gen, _ = to_awaiting(world)
     world.clock.advance(24 * 3600 - 1)
-    assert world.service.fire_due() == 0
+    assert world.bus.handle(FireDeadlines()) == 0
     world.clock.advance(1)
-    assert world.service.fire_due() == 1
-    view = world.service.get(gen["id"])
+    assert world.bus.handle(FireDeadlines()) == 1
+    view = world.queries.get(gen["id"])
     assert view["state"] == "expired" and view["deadline_at"] is None
     assert view["credits"] == {"held": "0.00", "charged": "0.25", "released": "0.00"}
     assert notification_types(world) == ["samples_ready", "expired"]
     with pytest.raises(InvalidState):
-        world.service.select(SelectSample(gen["id"], "s1", "standard"))
+        world.bus.handle(SelectSample(gen["id"], "s1", "standard"))
 
 
 def test_timeout_is_recorded_with_the_timer_actor(world: World) -> None:
     fund(world)
     gen = start(world)
     world.clock.advance(120)
-    world.service.fire_due()
+    world.bus.handle(FireDeadlines())
     last = events(world, gen["id"], "transition")[-1]
     assert (last["trigger"], last["actor"], last["from_state"], last["to_state"]) == (
         "timeout", "timer", "processing_samples", "timed_out")
@@ -526,14 +527,14 @@ def test_cancel_releases_what_is_held(world: World, where: str, credits: dict[st
         gen, job = to_awaiting(world)
     else:
         gen, job = to_final(world)
-    view = world.service.cancel(Cancel(gen["id"], reason="user changed mind"))
+    view = world.bus.handle(Cancel(gen["id"], reason="user changed mind"))
     assert view["state"] == "cancelled" and view["credits"] == credits
     assert account(world) == {"user_id": "u-1", "plan": "free", "balance": balance,
                               "held": "0.00", "available": balance}
     event_type = {"processing_samples": SAMPLES_READY, "awaiting_selection": FAILED,
                   "processing_final": FINAL_READY}[where]
     assert result(world, gen["id"], job["job_id"], event_type) == "wrong_state"
-    assert world.service.get(gen["id"])["credits"] == credits
+    assert world.queries.get(gen["id"])["credits"] == credits
     assert account(world)["balance"] == balance
     assert notification_types(world)[-1] == "cancelled"
 
@@ -541,10 +542,10 @@ def test_cancel_releases_what_is_held(world: World, where: str, credits: dict[st
 def test_cancel_of_a_terminal_saga_is_refused_and_recorded(world: World) -> None:
     fund(world)
     gen = start(world)
-    world.service.cancel(Cancel(gen["id"]))
+    world.bus.handle(Cancel(gen["id"]))
     before = snapshot(world, gen["id"])
     with pytest.raises(InvalidState):
-        world.service.cancel(Cancel(gen["id"]))
+        world.bus.handle(Cancel(gen["id"]))
     assert snapshot(world, gen["id"]) == before
     (rejected,) = events(world, gen["id"], "rejected")
     assert rejected["actor"] == "odoo"
@@ -554,7 +555,7 @@ def test_cancel_of_a_terminal_saga_is_refused_and_recorded(world: World) -> None
 def test_regenerate_holds_a_new_round(world: World) -> None:
     fund(world)
     gen, first = to_awaiting(world)
-    view = world.service.regenerate(Regenerate(gen["id"], prompt="autumn sale"))
+    view = world.bus.handle(Regenerate(gen["id"], prompt="autumn sale"))
     assert view["state"] == "processing_samples" and view["samples"] == []
     assert view["credits"] == {"held": "0.25", "charged": "0.25", "released": "0.00"}
     job = one_job(world)
@@ -564,14 +565,14 @@ def test_regenerate_holds_a_new_round(world: World) -> None:
     sample_holds = [r for r in hold_rows(world) if r.stage == "samples"]
     assert sorted(r.status for r in sample_holds) == ["committed", "open"]
     assert result(world, gen["id"], job["job_id"], SAMPLES_READY) == "applied"
-    assert world.service.get(gen["id"])["credits"]["charged"] == "0.50"
+    assert world.queries.get(gen["id"])["credits"]["charged"] == "0.50"
 
 
 def test_regenerate_is_only_allowed_while_awaiting_selection(world: World) -> None:
     fund(world)
     gen = start(world)
     with pytest.raises(InvalidState):
-        world.service.regenerate(Regenerate(gen["id"]))
+        world.bus.handle(Regenerate(gen["id"]))
     assert account(world)["held"] == "0.25"
     assert rejections(world, gen["id"]) == ["invalid_state"]
 
@@ -580,7 +581,7 @@ def test_regenerate_is_only_allowed_while_awaiting_selection(world: World) -> No
 def full_run(world: World) -> str:
     fund(world)
     gen, _ = to_awaiting(world)
-    world.service.select(SelectSample(gen["id"], "s2", "high"))
+    world.bus.handle(SelectSample(gen["id"], "s2", "high"))
     job = one_job(world)
     assert result(world, gen["id"], job["job_id"], FINAL_READY) == "applied"
     return str(gen["id"])
@@ -681,16 +682,16 @@ def test_every_state_change_is_published_once(world: World) -> None:
     fund(world)
     gen, _ = to_awaiting(world)
     gen_id = gen["id"]
-    world.service.select(SelectSample(gen_id, "s1", "high"))
+    world.bus.handle(SelectSample(gen_id, "s1", "high"))
     job = one_job(world)
     result(world, gen_id, job["job_id"], FAILED, error=RETRYABLE)  # internal: no event
     world.clock.advance(1)
-    world.service.fire_due()  # redispatch: no event
+    world.bus.handle(FireDeadlines())  # redispatch: no event
     one_job(world)
     world.clock.advance(600)
-    world.service.fire_due()  # final timed out -> awaiting_selection
-    world.service.regenerate(Regenerate(gen_id))
-    world.service.cancel(Cancel(gen_id))
+    world.bus.handle(FireDeadlines())  # final timed out -> awaiting_selection
+    world.bus.handle(Regenerate(gen_id))
+    world.bus.handle(Cancel(gen_id))
     changes = [(e["from_state"], e["to_state"]) for e in events(world, gen_id, "transition")
                if e["from_state"] != e["to_state"]]
     world.pump()
@@ -729,7 +730,7 @@ JOB_FIELDS = {"event_type", "event_id", "occurred_at", "generation_id", "job_id"
 
 def test_samples_job_carries_the_contract_fields(world: World) -> None:
     fund(world, user="u-42")
-    gen = world.service.start(StartGeneration(
+    gen = world.bus.handle(StartGeneration(
         user_id="u-42", prompt="spring sale banner, pastel", format=FORMAT,
         negative_prompt="text", style={"tone": "playful", "industry": "retail", "preset": None},
         brand={"colors": ["#FF6B35"], "logo_url": None},
@@ -767,7 +768,7 @@ def test_final_job_carries_selection_and_scaled_output(world: World) -> None:
     fund(world)
     gen, _ = to_awaiting(world)
     world.clock.advance(30)
-    world.service.select(SelectSample(gen["id"], "s3", "standard"))
+    world.bus.handle(SelectSample(gen["id"], "s3", "standard"))
     job = one_job(world)
     assert set(job) == JOB_FIELDS
     assert job["stage"] == "final" and job["attempt"] == 1

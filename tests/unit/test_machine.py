@@ -9,6 +9,7 @@ table, a missing callback or a wrong credit step fails here.
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -16,8 +17,10 @@ from typing import Any
 import pytest
 
 from saga import intents as it
+from saga import triggers as tg
 from saga.errors import InvalidState, UnknownSample
-from saga.machine import STATES, TERMINAL, TRIGGERS, allowed_triggers, fire
+from saga.machine import STATES, TRIGGERS, allowed_triggers, fire
+from saga.model import TERMINAL_STATES as TERMINAL
 from saga.model import Generation, SagaConfig
 from saga.pricing import PLANS, PriceBook, final_output
 
@@ -115,34 +118,42 @@ BILLING_TARGET = {"processing_samples": ("failed", "result_failed"),
                   "awaiting_selection": ("cancelled", "cancel")}
 
 
-def kwargs_for(trigger: str, state: str = "", **overrides: Any) -> dict[str, Any]:
-    """The keyword arguments SagaService passes for ``trigger`` (see saga/handlers.py)."""
-    kw: dict[str, Any] = {"now": NOW, "config": CFG, "actor": "system"}
-    if trigger == "start":
-        kw.update(actor="odoo", price=D("0.25"))
-    elif trigger == "select":
-        kw.update(actor="odoo", price=D("1.00"), sample_id="s3", resolution="standard",
-                  detail={"sample_id": "s3", "resolution": "standard"})
-    elif trigger == "regenerate":
-        kw.update(actor="odoo", price=D("0.25"), prompt=None, detail={"new_prompt": False})
-    elif trigger == "cancel":
-        kw.update(actor="odoo", detail={})
-    elif trigger == "samples_ready":
-        kw.update(actor="n8n", samples=copy.deepcopy(SAMPLES), detail={"job_id": "job-s1"})
-    elif trigger == "final_ready":
-        kw.update(actor="n8n", asset=dict(ASSET), detail={"job_id": "job-f1"})
-    elif trigger == "result_failed":
-        kw.update(actor="n8n", error=dict(FATAL), detail={"error": FATAL})
-    elif trigger in ("timeout", "redispatch"):
-        kw.update(actor="timer")
-    elif trigger == "compensated":
-        kw.update(actor="timer", error=dict(FATAL))
-    elif trigger == "billing_unavailable":
-        target, original = BILLING_TARGET.get(state, ("cancelled", "cancel"))
-        kw.update(target=target, original_trigger=original, error=None,
-                  detail={"reason": "billing backend unavailable", "target": target})
-    kw.update(overrides)
-    return kw
+# Who fires each trigger in the handlers; the payload types say what each one carries.
+ACTORS: dict[str, it.Actor] = {
+    "start": "odoo", "select": "odoo", "regenerate": "odoo", "cancel": "odoo",
+    "samples_ready": "n8n", "final_ready": "n8n", "result_failed": "n8n",
+    "timeout": "timer", "redispatch": "timer", "compensated": "timer",
+    "billing_unavailable": "system",
+}
+
+
+def example(trigger: str, state: str = "", **fields: Any) -> tg.Trigger:
+    """A realistic payload for ``trigger`` (fired on a saga in ``state``)."""
+    target, original = BILLING_TARGET.get(state, ("cancelled", "cancel"))
+    payloads: dict[str, tg.Trigger] = {
+        "start": tg.Start(price=D("0.25")),
+        "select": tg.Select(price=D("1.00"), sample_id="s3", resolution="standard",
+                            detail={"sample_id": "s3", "resolution": "standard"}),
+        "regenerate": tg.Regenerate(price=D("0.25"), prompt=None,
+                                    detail={"new_prompt": False}),
+        "cancel": tg.Cancel(),
+        "samples_ready": tg.SamplesReady(samples=copy.deepcopy(SAMPLES),
+                                         detail={"job_id": "job-s1"}),
+        "final_ready": tg.FinalReady(asset=dict(ASSET), detail={"job_id": "job-f1"}),
+        "result_failed": tg.ResultFailed(error=dict(FATAL), detail={"error": FATAL}),
+        "timeout": tg.Timeout(),
+        "redispatch": tg.Redispatch(),
+        "compensated": tg.Compensated(error=dict(FATAL)),
+        "billing_unavailable": tg.BillingUnavailable(
+            target=target, original_trigger=original, error=None,
+            detail={"reason": "billing backend unavailable", "target": target}),
+    }
+    return replace(payloads[trigger], **fields)
+
+
+def fire_(saga: Generation, payload: tg.Trigger, *, now: datetime = NOW,
+          config: SagaConfig = CFG) -> bool:
+    return fire(saga, payload, now=now, actor=ACTORS[payload.name], config=config)
 
 
 def prepared(state: str, trigger: str) -> Generation:
@@ -275,9 +286,9 @@ def test_allowed_transition(state: str, trigger: str) -> None:
     """Each allowed pair lands in the contract's state with the right intents and credits."""
     saga = prepared(state, trigger)
     old_job, old_hold = saga.job_id, copy.deepcopy(saga.hold)
-    kwargs = kwargs_for(trigger, state)
+    payload = example(trigger, state)
 
-    assert fire(saga, trigger, **kwargs) is True
+    assert fire_(saga, payload) is True
 
     dest, intents, expected_credits = EXPECTED[state, trigger]
     assert saga.state == dest
@@ -287,8 +298,8 @@ def test_allowed_transition(state: str, trigger: str) -> None:
 
     transition = saga.pending[0]
     assert isinstance(transition, it.HistoryEntry)
-    assert transition.actor == kwargs["actor"]
-    for key, value in kwargs.get("detail", {}).items():
+    assert transition.actor == ACTORS[trigger]
+    for key, value in payload.detail.items():
         assert transition.detail[key] == value
 
     reserves = [i for i in saga.pending if isinstance(i, it.Reserve)]
@@ -324,7 +335,7 @@ def test_disallowed_transition_raises_and_changes_nothing(state: str, trigger: s
     saga = prepared(state, trigger)
     before = copy.deepcopy(vars(saga))
     with pytest.raises(InvalidState) as err:
-        fire(saga, trigger, **kwargs_for(trigger, state))
+        fire_(saga, example(trigger, state))
     assert err.value.code == "invalid_state"
     assert vars(saga) == before
 
@@ -335,13 +346,13 @@ def test_select_of_an_undelivered_sample_raises_unknown_sample() -> None:
     saga = saga_in(AS)
     before = copy.deepcopy(vars(saga))
     with pytest.raises(UnknownSample):
-        fire(saga, "select", **kwargs_for("select", sample_id="s9"))
+        fire_(saga, example("select", sample_id="s9"))
     assert vars(saga) == before
 
 
 def test_select_records_sample_and_resolution_for_the_final_job() -> None:
     saga = saga_in(AS)
-    fire(saga, "select", **kwargs_for("select", sample_id="s4", resolution="high",
+    fire_(saga, example("select", sample_id="s4", resolution="high",
                                       price=D("2.00")))
     assert (saga.selected_sample_id, saga.resolution) == ("s4", "high")
     assert saga.final_output() == {"width": 4096, "height": 4096, "format": "png"}
@@ -359,8 +370,7 @@ def test_retryable_failure_with_attempts_left_schedules_a_retry(state: str, atte
     saga.attempt = attempt
     hold, credits_before = copy.deepcopy(saga.hold), saga.credits()
 
-    assert fire(saga, "result_failed", **kwargs_for("result_failed", config=cfg,
-                                                    error=dict(RETRYABLE))) is True
+    assert fire_(saga, example("result_failed", error=dict(RETRYABLE)), config=cfg) is True
 
     assert saga.state == state and saga.attempt == attempt
     assert saga.job_id is None
@@ -386,7 +396,7 @@ def test_failure_that_may_not_retry_ends_the_stage(state: str, dest: str, notify
         saga.attempt, error = CFG.max_attempts, dict(RETRYABLE)
     else:
         saga.attempt, error = 1, dict(FATAL)
-    assert fire(saga, "result_failed", **kwargs_for("result_failed", error=error)) is True
+    assert fire_(saga, example("result_failed", error=error)) is True
     assert saga.state == dest
     assert [describe(i) for i in saga.pending] == [
         tr("result_failed", state, dest), release, ("notify", notify), sc(state, dest)]
@@ -395,7 +405,7 @@ def test_failure_that_may_not_retry_ends_the_stage(state: str, dest: str, notify
 
 def test_samples_failure_keeps_user_facing_error_free_of_internals() -> None:
     saga = saga_in(PS)
-    fire(saga, "result_failed", **kwargs_for("result_failed"))
+    fire_(saga, example("result_failed"))
     assert saga.error is not None and saga.error["code"] == "model_unavailable"
     assert "gpu on fire" not in saga.error["message"]
 
@@ -406,7 +416,7 @@ def test_final_stage_failure_returns_to_selection(trigger: str, code: str) -> No
     """A final failure or timeout releases the final hold, records error.code, and opens a
     fresh selection window; the sample round stays charged and the samples stay."""
     saga = saga_in(PF, due=trigger == "timeout")
-    assert fire(saga, trigger, **kwargs_for(trigger)) is True
+    assert fire_(saga, example(trigger)) is True
     assert saga.state == AS
     assert saga.error is not None and saga.error["code"] == code
     assert (saga.due_at, saga.due_kind) == (NOW + CFG.selection_window, "selection")
@@ -415,13 +425,13 @@ def test_final_stage_failure_returns_to_selection(trigger: str, code: str) -> No
     assert saga.samples == SAMPLES and saga.selected_sample_id is None
     assert REL_F in [describe(i) for i in saga.pending]
     # and the user may choose again
-    assert fire(saga, "select", **kwargs_for("select", sample_id="s1")) is True
+    assert fire_(saga, example("select", sample_id="s1")) is True
     assert saga.state == PF and saga.error is None and saga.attempt == 1
 
 
 def test_samples_timeout_ends_in_timed_out_and_releases() -> None:
     saga = saga_in(PS, due=True)
-    assert fire(saga, "timeout", **kwargs_for("timeout")) is True
+    assert fire_(saga, example("timeout")) is True
     assert saga.state == "timed_out"
     assert saga.error is not None and saga.error["code"] == "timed_out"
     assert saga.credits() == credits("0.00", "0.00", "0.25")
@@ -429,7 +439,7 @@ def test_samples_timeout_ends_in_timed_out_and_releases() -> None:
 
 def test_selection_window_ends_in_expired() -> None:
     saga = saga_in(AS, due=True)
-    assert fire(saga, "timeout", **kwargs_for("timeout")) is True
+    assert fire_(saga, example("timeout")) is True
     assert saga.state == "expired" and saga.due_at is None
     assert saga.credits() == credits("0.00", "0.25", "0.00")
 
@@ -440,7 +450,7 @@ def test_timeout_before_due_is_refused_by_the_guard(state: str) -> None:
     saga = saga_in(state)
     assert saga.due_at is not None and saga.due_at > NOW
     before = copy.deepcopy(vars(saga))
-    assert fire(saga, "timeout", **kwargs_for("timeout")) is False
+    assert fire_(saga, example("timeout")) is False
     assert vars(saga) == before
 
 
@@ -449,7 +459,7 @@ def test_pending_retry_is_not_a_deadline(state: str) -> None:
     """A passed retry time fires redispatch, never timeout."""
     saga = saga_in(state, retry_pending=True, due=True)
     before = copy.deepcopy(vars(saga))
-    assert fire(saga, "timeout", **kwargs_for("timeout")) is False
+    assert fire_(saga, example("timeout")) is False
     assert vars(saga) == before
 
 
@@ -459,7 +469,7 @@ def test_redispatch_needs_a_due_retry(state: str, case: str) -> None:
     saga = (saga_in(state, retry_pending=True) if case == "retry_not_due"
             else saga_in(state, due=True))
     before = copy.deepcopy(vars(saga))
-    assert fire(saga, "redispatch", **kwargs_for("redispatch")) is False
+    assert fire_(saga, example("redispatch")) is False
     assert vars(saga) == before
 
 
@@ -468,10 +478,10 @@ def test_redispatch_sends_a_new_job_with_a_fresh_deadline(state: str) -> None:
     """Redispatch: new job_id, attempt+1, a stage deadline of its own, the same hold."""
     saga = saga_in(state)
     first_job, hold = saga.job_id, copy.deepcopy(saga.hold)
-    fire(saga, "result_failed", **kwargs_for("result_failed", error=dict(RETRYABLE)))
+    fire_(saga, example("result_failed", error=dict(RETRYABLE)))
     saga.take_pending()
     later = NOW + timedelta(seconds=5)
-    assert fire(saga, "redispatch", **kwargs_for("redispatch", now=later)) is True
+    assert fire_(saga, example("redispatch"), now=later) is True
     assert saga.state == state and saga.attempt == 2
     assert saga.job_id not in (None, first_job)
     deadline = CFG.samples_deadline if state == PS else CFG.final_deadline
@@ -491,7 +501,7 @@ def test_zero_price_is_waived_without_a_hold(state: str, trigger: str,
     """A stage costing 0.00 on the plan creates no hold: a Waive intent, no Reserve."""
     saga = saga_in(state)
     held_before = saga.held
-    assert fire(saga, trigger, **kwargs_for(trigger, price=D("0.00"), **kwargs)) is True
+    assert fire_(saga, example(trigger, price=D("0.00"), **kwargs)) is True
     kinds = [describe(i)[0] for i in saga.pending]
     assert "reserve" not in kinds and "waive" in kinds
     assert saga.hold is None and saga.held == held_before
@@ -500,9 +510,9 @@ def test_zero_price_is_waived_without_a_hold(state: str, trigger: str,
 
 def test_waived_stage_settles_nothing() -> None:
     saga = saga_in(AS)
-    fire(saga, "select", **kwargs_for("select", price=D("0.00")))
+    fire_(saga, example("select", price=D("0.00")))
     saga.take_pending()
-    fire(saga, "final_ready", **kwargs_for("final_ready"))
+    fire_(saga, example("final_ready"))
     assert not any(isinstance(i, it.Commit | it.Release) for i in saga.pending)
     assert saga.credits() == credits("0.00", "0.25", "0.00")
 
@@ -517,7 +527,7 @@ def test_waived_stage_settles_nothing() -> None:
 def test_compensation_finishes_where_it_was_headed(target: str, notify: str,
                                                    release: tuple[str, ...]) -> None:
     saga = saga_in(CO, due=True, target=target)
-    assert fire(saga, "compensated", **kwargs_for("compensated")) is True
+    assert fire_(saga, example("compensated")) is True
     assert saga.state == target and saga.compensation is None
     assert [describe(i) for i in saga.pending] == [
         tr("compensated", CO, target), release, ("notify", notify), sc(CO, target)]
@@ -528,23 +538,23 @@ def test_compensation_finishes_where_it_was_headed(target: str, notify: str,
 def test_cancel_while_compensating_to_an_end_is_refused(target: str) -> None:
     saga = saga_in(CO, target=target)
     before = copy.deepcopy(vars(saga))
-    assert fire(saga, "cancel", **kwargs_for("cancel")) is False
+    assert fire_(saga, example("cancel")) is False
     assert vars(saga) == before
 
 
 def test_cancel_while_compensating_retargets_to_cancelled() -> None:
     saga = saga_in(CO, due=True)
-    fire(saga, "cancel", **kwargs_for("cancel"))
+    fire_(saga, example("cancel"))
     assert saga.compensation is not None and saga.compensation["target"] == "cancelled"
     saga.take_pending()
-    assert fire(saga, "compensated", **kwargs_for("compensated")) is True
+    assert fire_(saga, example("compensated")) is True
     assert saga.state == "cancelled"
     assert [describe(i) for i in saga.pending][1:3] == [REL_F, ("notify", "cancelled")]
 
 
 def test_billing_unavailable_keeps_the_hold_and_waits() -> None:
     saga = saga_in(PS)
-    fire(saga, "billing_unavailable", **kwargs_for("billing_unavailable", PS))
+    fire_(saga, example("billing_unavailable", PS))
     assert saga.hold == SAMPLE_HOLD and saga.job_id is None
     assert saga.due_kind == "compensate" and saga.due_at == NOW + CFG.compensation_delay(1)
     assert saga.compensation == {"target": "failed", "trigger": "result_failed",
