@@ -11,7 +11,7 @@ is safe from many threads at once.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal, get_args
 
 from transitions import Machine
 
@@ -20,7 +20,7 @@ from saga.intents import Actor
 from saga.model import Generation, SagaConfig
 from saga.triggers import Firing, Trigger
 
-STATES = [
+State = Literal[
     "requested",
     "processing_samples",
     "awaiting_selection",
@@ -32,6 +32,7 @@ STATES = [
     "cancelled",
     "expired",
 ]
+STATES: list[str] = list(get_args(State))
 
 _CANCELLABLE = ["requested", "processing_samples", "awaiting_selection", "processing_final"]
 

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from transitions import EventData
 
@@ -32,6 +32,12 @@ FORMATS: dict[str, tuple[int, int]] = {
     "youtube_thumbnail": (1280, 720),
     "pinterest_pin": (1000, 1500),
 }
+
+FormatName = Literal[
+    "instagram_post", "instagram_story", "instagram_reel", "facebook_post", "linkedin_post",
+    "twitter_post", "tiktok", "youtube_thumbnail", "pinterest_pin", "custom",
+]
+assert set(get_args(FormatName)) == {*FORMATS, "custom"}, "FormatName and FORMATS disagree"
 
 TERMINAL_STATES = frozenset({"completed", "failed", "timed_out", "cancelled", "expired"})
 
