@@ -1,22 +1,23 @@
-"""The composition root: the only module that wires settings, database, broker and handlers."""
+"""The composition root: the only module that wires settings, database, broker and handlers.
+
+It builds things and connects them; it holds no behaviour of its own. Background jobs live in
+:mod:`aigen.jobs`, the broker adapters in :mod:`messaging`, the rules in :mod:`saga`.
+"""
 
 from __future__ import annotations
 
 import functools
-import logging
-import threading
-import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
 
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 from sqlalchemy import Connection, Engine, text
 
 from aigen.demo_worker import DemoWorker
+from aigen.jobs.sweeper import Sweeper
 from aigen.metrics import PrometheusObserver
 from aigen.settings import Settings
 from api.app import ApiDeps, create_app
@@ -31,64 +32,13 @@ from persistence.external_billing import (
     HttpBillingClient,
     reap_pending_holds,
 )
-from persistence.housekeeping import purge
 from persistence.ledger import SqlLedger
 from persistence.outbox_store import SqlOutboxStore
 from persistence.uow import SqlUnitOfWork
-from saga.commands import FireDeadlines
-from saga.effects import utcnow
 from saga.messagebus import MessageBus
 from saga.messages import RESULTS_QUEUE
 from saga.ports import Billing
 from saga.queries import Queries
-
-log = logging.getLogger(__name__)
-
-class Sweeper:
-    """Fires passed deadlines; one per process, safe side by side (``SKIP LOCKED``)."""
-
-    def __init__(self, bus: MessageBus, engine: Engine, interval: float,
-                 reap: Callable[[datetime], int] | None = None) -> None:
-        self.bus = bus
-        self.engine = engine
-        self.interval = interval
-        self.reap = reap  # releases external holds whose reservation never committed
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="deadline-sweeper", daemon=True)
-        self._last_purge = -3600.0
-        self._last_reap = -60.0
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                fired = self.bus.handle(FireDeadlines())
-                self._housekeeping()
-            except Exception:
-                log.exception("deadline sweep failed; retrying")
-                fired = 0
-            if fired == 0:
-                self._stop.wait(self.interval)
-
-    def _housekeeping(self) -> None:
-        if self.reap is not None and time.monotonic() - self._last_reap >= 60:
-            self._last_reap = time.monotonic()
-            released = self.reap(utcnow())
-            if released:
-                log.warning("released %d external holds left pending by a failed request",
-                            released)
-        if time.monotonic() - self._last_purge < 3600:
-            return
-        self._last_purge = time.monotonic()
-        deleted = purge(self.engine, utcnow())
-        if any(deleted.values()):
-            log.info("housekeeping deleted %s", deleted)
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
 
 
 @dataclass
@@ -103,11 +53,9 @@ class Runtime:
     app: FastAPI
     registry: CollectorRegistry
     demo_worker: DemoWorker | None = None
-    _started: list[Any] = field(default_factory=list)
 
     def start(self) -> None:
-        if isinstance(self.broker, RabbitBroker):
-            self.broker.start()
+        self.broker.start()
         self.broker.consume(RESULTS_QUEUE, self.consumer.handle)
         if self.demo_worker:
             self.demo_worker.start()
@@ -119,7 +67,7 @@ class Runtime:
         self.relay.stop()
         if self.demo_worker:
             self.demo_worker.stop()
-        self.broker.close()
+        self.broker.stop()
         self.engine.dispose()
 
 
@@ -137,7 +85,8 @@ def build(settings: Settings, *, broker: Broker | None = None, run_migrations: b
             workers=settings.consumer_workers,
             on_unroutable=lambda exchange, _key: observer.count("unroutable", exchange=exchange)))
 
-    relay_ref: list[OutboxRelay] = []
+    store = SqlOutboxStore(engine)
+    relay = OutboxRelay(store, broker, observer, batch_size=settings.relay_batch_size)
     billing_factory: Callable[[Connection], Billing] = SqlLedger
     reap: Callable[[datetime], int] | None = None
     if settings.billing_url:
@@ -146,12 +95,9 @@ def build(settings: Settings, *, broker: Broker | None = None, run_migrations: b
         reap = functools.partial(reap_pending_holds, engine, client)
 
     def uow_factory() -> SqlUnitOfWork:
-        return SqlUnitOfWork(engine, billing_factory, after_commit=lambda: relay_ref[0].wake())
+        return SqlUnitOfWork(engine, billing_factory, after_commit=relay.wake)
 
     bus = MessageBus(uow_factory, settings.saga_config(), observer=observer)
-    store = SqlOutboxStore(engine)
-    relay = OutboxRelay(store, broker, observer, batch_size=settings.relay_batch_size)
-    relay_ref.append(relay)
     consumer = ResultConsumer(bus, broker, observer)
     sweeper = Sweeper(bus, engine, settings.sweeper_interval_s, reap)
     observer.gauge("aigen_outbox_backlog", "Outbox rows not yet confirmed by the broker",
