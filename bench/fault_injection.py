@@ -41,7 +41,7 @@ from sqlalchemy import func, select, text
 from bench.backends import DEFAULT_AMQP_HOST, DEFAULT_PG, scratch_backends, wait_ready
 from persistence.db import make_engine
 from persistence.tables import accounts, generation_events, generations, holds, journal, outbox
-from tests.support.standin import Reply, ScriptedN8n
+from standins.n8n import Reply, ScriptedN8n
 
 KEYS = "service:fi-svc,support:fi-sup"
 SERVICE = {"Authorization": "Bearer fi-svc"}

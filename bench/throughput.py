@@ -49,7 +49,7 @@ def percentile(values: list[float], q: float) -> float:
 
 def standin_process(url: str, published: Any, ready: Any, stop: Any) -> None:
     """An instant n8n: answers every job at once and reports when it published."""
-    from tests.support.standin import Reply, result_body
+    from standins.n8n import Reply, result_body
 
     conn = pika.BlockingConnection(pika.URLParameters(url))
     ch = conn.channel()

@@ -27,8 +27,8 @@ from persistence.external_billing import (
 from persistence.tables import holds
 from saga.commands import ApplyResult, Cancel, FireDeadlines, SelectSample, StartGeneration
 from saga.errors import BillingUnavailable, DomainError, InsufficientCredits
+from standins.billing import BillingStandIn
 from tests.conftest import FakeClock, World
-from tests.support.billing_standin import BillingStandIn
 
 pytestmark = pytest.mark.integration
 FORMAT = {"name": "instagram_post", "width": 1080, "height": 1080}

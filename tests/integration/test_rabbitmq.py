@@ -12,6 +12,7 @@ import pytest
 from sqlalchemy import func, select
 
 from persistence.tables import generations, holds, inbox
+from standins.n8n import Collector, Reply, ScriptedN8n, happy, publish_raw, wait_for
 from tests.integration.rabbit_fixtures import (
     SERVICE,
     Running,
@@ -19,7 +20,6 @@ from tests.integration.rabbit_fixtures import (
     ledger_report,
     spawn_serve,
 )
-from tests.support.standin import Collector, Reply, ScriptedN8n, happy, publish_raw, wait_for
 
 pytestmark = pytest.mark.integration
 
