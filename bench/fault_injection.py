@@ -14,6 +14,7 @@ it checks and prints the invariants of contract §1 and §2:
 
 Run: ``python -m bench.fault_injection --generations 300 --kills 6``. Exit status 0 only if
 every check holds. ``tests/integration/test_fault_injection.py`` runs it at a reduced size.
+One script (processes, chaos, checks and report) that runs top to bottom, hence its length.
 """
 
 from __future__ import annotations

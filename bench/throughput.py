@@ -13,6 +13,7 @@ reacts to the Notification Service's messages. Prints:
 
 Run: ``./dev bench --generations 2000 --concurrency 64`` (PostgreSQL and RabbitMQ on
 127.0.0.1). This is a measurement, not a test: it asserts nothing about speed.
+One script that runs top to bottom (processes, load, report), hence its length.
 """
 
 from __future__ import annotations

@@ -1,4 +1,9 @@
-"""The generation saga aggregate and its configuration."""
+"""The generation saga aggregate and its configuration.
+
+Over 300 lines on purpose: every transition callback must be a method of :class:`Generation`
+(``transitions`` resolves the machine's callbacks by name on the model), so the aggregate
+and its callbacks stay one class; splitting it would only scatter one state machine's steps.
+"""
 
 from __future__ import annotations
 

@@ -108,6 +108,18 @@ class _ConsumerThread:
         self.stop()
 
     def _session(self) -> None:
+        conn = pika.BlockingConnection(pika.URLParameters(self.url))
+        try:
+            self._subscribe(conn, conn.channel())
+            self.ready.set()
+            while not self._stop.is_set():
+                conn.process_data_events(time_limit=0.2)
+        finally:
+            if conn.is_open:
+                conn.close()
+
+    def _subscribe(self, conn: Any, ch: Any) -> None:
+        """Declare and ``basic_consume`` on the fresh channel ``ch``."""
         raise NotImplementedError
 
 
@@ -124,42 +136,33 @@ class ScriptedN8n(_ConsumerThread):
         self.sent = 0
         self._lock = threading.Lock()
 
-    def _session(self) -> None:
-        conn = pika.BlockingConnection(pika.URLParameters(self.url))
-        try:
-            ch = conn.channel()
-            ch.queue_declare(JOBS_QUEUE, passive=True)  # the orchestrator declares it
-            ch.basic_qos(prefetch_count=self.prefetch)
-            # Replies are confirmed and the job is acknowledged only once they all are, like
-            # n8n acking when its execution finishes: a broker restart in between makes the
-            # job come back (and the orchestrator sees duplicates), never lose its answer.
-            ch.confirm_delivery()
+    def _subscribe(self, conn: Any, ch: Any) -> None:
+        ch.queue_declare(JOBS_QUEUE, passive=True)  # the orchestrator declares it
+        ch.basic_qos(prefetch_count=self.prefetch)
+        # Replies are confirmed and the job is acknowledged only once they all are, like
+        # n8n acking when its execution finishes: a broker restart in between makes the
+        # job come back (and the orchestrator sees duplicates), never lose its answer.
+        ch.confirm_delivery()
 
-            def on_job(ch: Any, method: Any, _props: Any, body: bytes) -> None:
-                job = json.loads(body)
-                with self._lock:
-                    self.jobs.append(job)
-                replies = self.script(job)
-                for reply in replies:
-                    if reply.delay > 0:
-                        conn.call_later(reply.delay,
-                                        lambda j=job, r=reply: self._publish(ch, j, r))
-                    else:
-                        self._publish(ch, job, reply)
-                last = max((r.delay for r in replies), default=0.0)
-                if last > 0:
-                    conn.call_later(last + 0.001,
-                                    lambda tag=method.delivery_tag: ch.basic_ack(tag))
+        def on_job(ch: Any, method: Any, _props: Any, body: bytes) -> None:
+            job = json.loads(body)
+            with self._lock:
+                self.jobs.append(job)
+            replies = self.script(job)
+            for reply in replies:
+                if reply.delay > 0:
+                    conn.call_later(reply.delay,
+                                    lambda j=job, r=reply: self._publish(ch, j, r))
                 else:
-                    ch.basic_ack(method.delivery_tag)
+                    self._publish(ch, job, reply)
+            last = max((r.delay for r in replies), default=0.0)
+            if last > 0:
+                conn.call_later(last + 0.001,
+                                lambda tag=method.delivery_tag: ch.basic_ack(tag))
+            else:
+                ch.basic_ack(method.delivery_tag)
 
-            ch.basic_consume(JOBS_QUEUE, on_job)
-            self.ready.set()
-            while not self._stop.is_set():
-                conn.process_data_events(time_limit=0.2)
-        finally:
-            if conn.is_open:
-                conn.close()
+        ch.basic_consume(JOBS_QUEUE, on_job)
 
     def _publish(self, ch: Any, job: dict[str, Any], reply: Reply) -> None:
         if not ch.is_open:
@@ -184,35 +187,26 @@ class Collector(_ConsumerThread):
         self.dead: list[tuple[dict[str, Any], bytes]] = []  # (headers, body) from the DLQ
         self.properties: list[Any] = []
 
-    def _session(self) -> None:
-        conn = pika.BlockingConnection(pika.URLParameters(self.url))
-        try:
-            ch = conn.channel()
-            for name in ("test.notifications", "test.events"):
-                ch.queue_declare(name, durable=True)
-            ch.queue_bind("test.notifications", "creativeflow.notifications", "#")
-            ch.queue_bind("test.events", "creativeflow.events", "generation.*")
+    def _subscribe(self, conn: Any, ch: Any) -> None:
+        for name in ("test.notifications", "test.events"):
+            ch.queue_declare(name, durable=True)
+        ch.queue_bind("test.notifications", "creativeflow.notifications", "#")
+        ch.queue_bind("test.events", "creativeflow.events", "generation.*")
 
-            def keep(target: list[dict[str, Any]]) -> Callable[..., None]:
-                def on(ch: Any, method: Any, props: Any, body: bytes) -> None:
-                    target.append(json.loads(body))
-                    self.properties.append(props)
-                    ch.basic_ack(method.delivery_tag)
-                return on
-
-            def on_dead(ch: Any, method: Any, props: Any, body: bytes) -> None:
-                self.dead.append((dict(props.headers or {}), body))
+        def keep(target: list[dict[str, Any]]) -> Callable[..., None]:
+            def on(ch: Any, method: Any, props: Any, body: bytes) -> None:
+                target.append(json.loads(body))
+                self.properties.append(props)
                 ch.basic_ack(method.delivery_tag)
+            return on
 
-            ch.basic_consume("test.notifications", keep(self.notifications))
-            ch.basic_consume("test.events", keep(self.events))
-            ch.basic_consume("orchestrator.generation.results.dlq", on_dead)
-            self.ready.set()
-            while not self._stop.is_set():
-                conn.process_data_events(time_limit=0.2)
-        finally:
-            if conn.is_open:
-                conn.close()
+        def on_dead(ch: Any, method: Any, props: Any, body: bytes) -> None:
+            self.dead.append((dict(props.headers or {}), body))
+            ch.basic_ack(method.delivery_tag)
+
+        ch.basic_consume("test.notifications", keep(self.notifications))
+        ch.basic_consume("test.events", keep(self.events))
+        ch.basic_consume("orchestrator.generation.results.dlq", on_dead)
 
 
 def publish_raw(url: str, routing_key: str, body: bytes) -> None:

@@ -4,6 +4,9 @@ Every state in ``STATES`` is crossed with every trigger in ``TRIGGERS`` and fire
 :func:`saga.machine.fire` on a realistic saga. The expected outcome of each allowed pair —
 destination, intents and credits — is written out in :data:`EXPECTED`, so a changed transition
 table, a missing callback or a wrong credit step fails here.
+
+Longer than 300 lines because the saga builders, :data:`EXPECTED` and the tests that read it
+are one table; the guard, compensation and pricing tests below reuse the same builders.
 """
 
 from __future__ import annotations

@@ -5,6 +5,9 @@ several plans, selects, regenerates, cancels, delivers results for current and s
 redelivers earlier results and moves the clock. After every step the ledger tables are
 checked directly: each hold is settled at most once, accounts never go negative, the journal
 sums to the balances, charges match the price book and each saga's credits match its holds.
+
+One hypothesis state machine (rules and invariants share its state), hence one file over 300
+lines.
 """
 
 from __future__ import annotations
