@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any, TypeVar
@@ -89,12 +89,12 @@ def _defer_compensation(ctx: Context, uow: UnitOfWork, saga: Generation, snapsho
     target = saga.state
     saga.__dict__.update(copy.deepcopy(snapshot).__dict__)
     if saga.state == "compensating":  # a retry of the release failed again
-        comp = dict(saga.compensation or {})
-        comp["tries"] = int(comp.get("tries", 1)) + 1
+        assert saga.compensation is not None  # a compensating saga always has one
+        comp = replace(saga.compensation, tries=saga.compensation.tries + 1)
         saga.compensation = comp
-        saga.due_at = now + ctx.config.compensation_delay(comp["tries"])
+        saga.due_at = now + ctx.config.compensation_delay(comp.tries)
         saga.note(actor, {"compensation": "billing backend still unavailable",
-                          "tries": comp["tries"]})
+                          "tries": comp.tries})
         ctx.observer.count("compensation_retries")
     else:
         error = payload.error if isinstance(payload, tg.ResultFailed | tg.Compensated) else None

@@ -287,7 +287,8 @@ def _timer_payload(saga: Generation) -> tg.Trigger:
     if saga.due_kind == "retry":
         return tg.Redispatch()
     if saga.due_kind == "compensate":
-        return tg.Compensated(error=(saga.compensation or {}).get("error") or {})
+        return tg.Compensated(error=(saga.compensation.error if saga.compensation else None)
+                              or {})
     return tg.Timeout()
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any, Literal, get_args
@@ -20,6 +20,7 @@ from saga import intents as it
 from saga import triggers as tg
 from saga.errors import UnknownSample
 from saga.pricing import ZERO, PriceBook, Stage, final_output, money
+from saga.values import Compensation, Hold, SagaError
 
 # What ``due_at`` means: a stage deadline, a retry's time, the selection window, a retry of a
 # stuck release.
@@ -124,15 +125,15 @@ class Generation:
     held: Decimal = ZERO
     charged: Decimal = ZERO
     released: Decimal = ZERO
-    error: dict[str, Any] | None = None
+    error: SagaError | None = None
     stage: Stage | None = None
     attempt: int = 0
     job_id: str | None = None
-    hold: dict[str, Any] | None = None  # the open hold: {hold_id, stage, amount}
+    hold: Hold | None = None  # the open hold
     round: int = 0  # sample rounds started (regenerations included)
     due_at: datetime | None = None
     due_kind: DueKind | None = None
-    compensation: dict[str, Any] | None = None
+    compensation: Compensation | None = None
     updated_at: datetime | None = None
     version: int = 0
     history_seq: int = 0
@@ -211,12 +212,13 @@ class Generation:
         return self.due_kind in ("stage", "selection") and self.is_due(event)
 
     def targets_compensation(self, event: EventData) -> bool:
-        comp = self.compensation or {}
-        return event.transition is not None and comp.get("target") == event.transition.dest
+        comp = self.compensation
+        return (comp is not None and event.transition is not None
+                and comp.target == event.transition.dest)
 
     def can_cancel_compensation(self, event: EventData) -> bool:
         """Cancel while compensating only when the saga would otherwise live on."""
-        return (self.compensation or {}).get("target") == "awaiting_selection"
+        return self.compensation is not None and self.compensation.target == "awaiting_selection"
 
     # -- stage starts ----------------------------------------------------------------------
     def begin_samples_round(self, event: EventData) -> None:
@@ -247,7 +249,7 @@ class Generation:
         price = money(price)
         if price > ZERO:
             hold_id = new_id()
-            self.hold = {"hold_id": hold_id, "stage": stage, "amount": str(price)}
+            self.hold = Hold(hold_id, stage, price)
             self.held += price
             self.pending.append(it.Reserve(hold_id, stage, price))
         else:
@@ -302,25 +304,22 @@ class Generation:
         error = (payload.error if isinstance(payload, tg.ResultFailed | tg.Compensated)
                  else None) or {}
         code = str(error.get("code") or "generation_failed")
-        self.error = {"code": code, "message": _USER_ERROR_TEXT.get(code, _GENERIC_ERROR_TEXT),
-                      "retryable": bool(error.get("retryable"))}
+        self.error = SagaError(code, _USER_ERROR_TEXT.get(code, _GENERIC_ERROR_TEXT),
+                               bool(error.get("retryable")))
         self._settle(commit=False)
-        self._notify("failed", {"error": self.error})
+        self._notify("failed", {"error": self.error.to_json()})
 
     def end_samples_timed_out(self, event: EventData) -> None:
-        self.error = {"code": "timed_out", "message": USER_MESSAGES["timed_out"],
-                      "retryable": True}
+        self.error = SagaError("timed_out", USER_MESSAGES["timed_out"], True)
         self._settle(commit=False)
-        self._notify("timed_out", {"error": self.error})
+        self._notify("timed_out", {"error": self.error.to_json()})
 
     def end_final_failed(self, event: EventData) -> None:
-        self.error = {"code": "final_failed", "message": USER_MESSAGES["final_failed"],
-                      "retryable": True}
+        self.error = SagaError("final_failed", USER_MESSAGES["final_failed"], True)
         self._back_to_selection(event, "final_failed")
 
     def end_final_timed_out(self, event: EventData) -> None:
-        self.error = {"code": "final_timed_out", "message": USER_MESSAGES["final_timed_out"],
-                      "retryable": True}
+        self.error = SagaError("final_timed_out", USER_MESSAGES["final_timed_out"], True)
         self._back_to_selection(event, "final_timed_out")
 
     def _back_to_selection(self, event: EventData, notification: str) -> None:
@@ -329,7 +328,7 @@ class Generation:
         self.resolution = None
         firing = _firing(event)
         self._open_selection_window(firing.config, firing.now)
-        self._notify(notification, {"error": self.error})
+        self._notify(notification, {"error": self.error.to_json() if self.error else None})
 
     def end_expired(self, event: EventData) -> None:
         self._notify("expired", {})
@@ -342,27 +341,23 @@ class Generation:
     def begin_compensation(self, event: EventData) -> None:
         firing = _firing(event)
         payload = firing.expect(tg.BillingUnavailable)
-        self.compensation = {
-            "target": payload.target,
-            "trigger": payload.original_trigger,
-            "error": payload.error,
-            "tries": 1,
-        }
+        self.compensation = Compensation(payload.target, payload.original_trigger, payload.error)
         self.job_id = None
         self.due_at = firing.now + firing.config.compensation_delay(1)
         self.due_kind = "compensate"
 
     def retarget_to_cancelled(self, event: EventData) -> None:
-        comp = dict(self.compensation or {})
-        comp.update(target="cancelled", trigger="cancel", error=None)
-        self.compensation = comp
+        assert self.compensation is not None  # the guard checked it
+        self.compensation = replace(self.compensation, target="cancelled", trigger="cancel",
+                                    error=None)
 
     def finish_compensation(self, event: EventData) -> None:
-        comp = self.compensation or {}
+        comp = self.compensation
+        assert comp is not None  # the guard checked it
         self.compensation = None
         self.due_at = None
         self.due_kind = None
-        ender = _COMPENSATION_ENDERS[str(comp.get("target")), str(comp.get("trigger"))]
+        ender = _COMPENSATION_ENDERS[comp.target, comp.trigger]
         ender(self, event)
 
     def _open_selection_window(self, cfg: SagaConfig, now: datetime) -> None:
@@ -377,14 +372,14 @@ class Generation:
         hold = self.hold
         if hold is None:
             return
-        amount = Decimal(hold["amount"])
+        amount = hold.amount
         self.held -= amount
         if commit:
             self.charged += amount
-            self.pending.append(it.Commit(hold["hold_id"], hold["stage"], amount))
+            self.pending.append(it.Commit(hold.hold_id, hold.stage, amount))
         else:
             self.released += amount
-            self.pending.append(it.Release(hold["hold_id"], hold["stage"], amount))
+            self.pending.append(it.Release(hold.hold_id, hold.stage, amount))
         self.hold = None
 
     def _notify(self, type_: str, data: dict[str, Any]) -> None:

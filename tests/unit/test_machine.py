@@ -26,6 +26,7 @@ from saga.machine import STATES, TRIGGERS, allowed_triggers, fire
 from saga.model import TERMINAL_STATES as TERMINAL
 from saga.model import Generation, SagaConfig
 from saga.pricing import PLANS, PriceBook, final_output
+from saga.values import Compensation, Hold, SagaError
 
 CFG = SagaConfig()
 T0 = datetime(2026, 11, 2, 12, 0, tzinfo=UTC)
@@ -35,8 +36,8 @@ SAMPLES = [{"sample_id": f"s{i}", "url": f"s3://creativeflow-assets/u/s{i}.png",
             "width": 512, "height": 512} for i in range(1, 5)]
 ASSET = {"url": "s3://creativeflow-assets/u/final.png", "width": 2048, "height": 2048,
          "format": "png"}
-SAMPLE_HOLD = {"hold_id": "hold-s1", "stage": "samples", "amount": "0.25"}
-FINAL_HOLD = {"hold_id": "hold-f1", "stage": "final", "amount": "1.00"}
+SAMPLE_HOLD = Hold("hold-s1", "samples", Decimal("0.25"))
+FINAL_HOLD = Hold("hold-f1", "final", Decimal("1.00"))
 FATAL = {"code": "model_unavailable", "message": "gpu on fire", "retryable": False}
 RETRYABLE = {"code": "model_unavailable", "message": "try later", "retryable": True}
 
@@ -47,7 +48,7 @@ D = Decimal
 # ------------------------------------------------------------------ sagas in every state
 def _processing_samples(g: Generation) -> None:
     g.stage, g.attempt, g.job_id, g.round = "samples", 1, "job-s1", 1
-    g.hold, g.held = dict(SAMPLE_HOLD), D("0.25")
+    g.hold, g.held = SAMPLE_HOLD, D("0.25")
     g.due_at, g.due_kind = NOW + timedelta(seconds=60), "stage"
 
 
@@ -60,7 +61,7 @@ def _processing_final(g: Generation) -> None:
     _awaiting_selection(g)
     g.selected_sample_id, g.resolution = "s2", "standard"
     g.stage, g.attempt, g.job_id = "final", 1, "job-f1"
-    g.hold, g.held = dict(FINAL_HOLD), D("1.00")
+    g.hold, g.held = FINAL_HOLD, D("1.00")
     g.due_at, g.due_kind = NOW + timedelta(seconds=300), "stage"
 
 
@@ -93,15 +94,15 @@ def saga_in(state: str, *, due: bool = False, retry_pending: bool = False,
         trigger, setup = COMPENSATIONS[target]
         setup(g)
         g.job_id, g.due_kind = None, "compensate"
-        g.compensation = {"target": target, "trigger": trigger,
-                          "error": FATAL if trigger == "result_failed" else None, "tries": 1}
+        g.compensation = Compensation(target, trigger,
+                                      FATAL if trigger == "result_failed" else None, 1)
     elif state == "completed":
         _awaiting_selection(g)
         g.selected_sample_id, g.resolution, g.stage = "s2", "standard", "final"
         g.final_asset, g.charged, g.due_at, g.due_kind = dict(ASSET), D("1.25"), None, None
     elif state in ("failed", "timed_out", "cancelled"):
         g.stage, g.attempt, g.round, g.released = "samples", 1, 1, D("0.25")
-        g.error = {"code": state, "message": "x", "retryable": False}
+        g.error = SagaError(state, "x", False)
     elif state == "expired":
         _awaiting_selection(g)
         g.due_at, g.due_kind = None, None
@@ -308,8 +309,7 @@ def test_allowed_transition(state: str, trigger: str) -> None:
     reserves = [i for i in saga.pending if isinstance(i, it.Reserve)]
     if reserves:  # the new hold is the saga's open hold, a fresh id
         (reserve,) = reserves
-        assert saga.hold == {"hold_id": reserve.hold_id, "stage": reserve.stage,
-                             "amount": str(reserve.amount)}
+        assert saga.hold == Hold(reserve.hold_id, reserve.stage, reserve.amount)
         assert reserve.hold_id not in ("hold-s1", "hold-f1")
     elif any(isinstance(i, it.Commit | it.Release) for i in saga.pending):
         assert saga.hold is None  # settled exactly once: nothing left to settle again
@@ -359,7 +359,7 @@ def test_select_records_sample_and_resolution_for_the_final_job() -> None:
                                       price=D("2.00")))
     assert (saga.selected_sample_id, saga.resolution) == ("s4", "high")
     assert saga.final_output() == {"width": 4096, "height": 4096, "format": "png"}
-    assert saga.hold is not None and saga.hold["amount"] == "2.00"
+    assert saga.hold is not None and saga.hold.amount == D("2.00")
 
 
 @pytest.mark.parametrize(("attempt", "delay_s"), [(1, 1), (2, 2), (3, 4), (4, 8), (6, 30)])
@@ -409,8 +409,8 @@ def test_failure_that_may_not_retry_ends_the_stage(state: str, dest: str, notify
 def test_samples_failure_keeps_user_facing_error_free_of_internals() -> None:
     saga = saga_in(PS)
     fire_(saga, example("result_failed"))
-    assert saga.error is not None and saga.error["code"] == "model_unavailable"
-    assert "gpu on fire" not in saga.error["message"]
+    assert saga.error is not None and saga.error.code == "model_unavailable"
+    assert "gpu on fire" not in saga.error.message
 
 
 @pytest.mark.parametrize(("trigger", "code"),
@@ -421,7 +421,7 @@ def test_final_stage_failure_returns_to_selection(trigger: str, code: str) -> No
     saga = saga_in(PF, due=trigger == "timeout")
     assert fire_(saga, example(trigger)) is True
     assert saga.state == AS
-    assert saga.error is not None and saga.error["code"] == code
+    assert saga.error is not None and saga.error.code == code
     assert (saga.due_at, saga.due_kind) == (NOW + CFG.selection_window, "selection")
     assert saga.hold is None and saga.job_id is None
     assert saga.credits() == credits("0.00", "0.25", "1.00")
@@ -436,7 +436,7 @@ def test_samples_timeout_ends_in_timed_out_and_releases() -> None:
     saga = saga_in(PS, due=True)
     assert fire_(saga, example("timeout")) is True
     assert saga.state == "timed_out"
-    assert saga.error is not None and saga.error["code"] == "timed_out"
+    assert saga.error is not None and saga.error.code == "timed_out"
     assert saga.credits() == credits("0.00", "0.00", "0.25")
 
 
@@ -548,7 +548,7 @@ def test_cancel_while_compensating_to_an_end_is_refused(target: str) -> None:
 def test_cancel_while_compensating_retargets_to_cancelled() -> None:
     saga = saga_in(CO, due=True)
     fire_(saga, example("cancel"))
-    assert saga.compensation is not None and saga.compensation["target"] == "cancelled"
+    assert saga.compensation is not None and saga.compensation.target == "cancelled"
     saga.take_pending()
     assert fire_(saga, example("compensated")) is True
     assert saga.state == "cancelled"
@@ -560,8 +560,8 @@ def test_billing_unavailable_keeps_the_hold_and_waits() -> None:
     fire_(saga, example("billing_unavailable", PS))
     assert saga.hold == SAMPLE_HOLD and saga.job_id is None
     assert saga.due_kind == "compensate" and saga.due_at == NOW + CFG.compensation_delay(1)
-    assert saga.compensation == {"target": "failed", "trigger": "result_failed",
-                                 "error": None, "tries": 1}
+    assert saga.compensation == Compensation(target="failed", trigger="result_failed",
+                                             error=None, tries=1)
 
 
 # ------------------------------------------------------------------ pricing
@@ -601,3 +601,17 @@ def test_final_output_scales_the_longest_side(size: tuple[int, int], resolution:
     saga.format = {"name": "custom", "width": size[0], "height": size[1]}
     saga.resolution = resolution
     assert saga.final_output() == {"width": expected[0], "height": expected[1], "format": "png"}
+
+
+# ------------------------------------------------------------------ value types
+def test_value_types_keep_the_persisted_json_shape() -> None:
+    """Hold, Compensation and SagaError read back what they write, in the stored shape."""
+    hold = Hold("h-1", "final", D("2.00"))
+    assert hold.to_json() == {"hold_id": "h-1", "stage": "final", "amount": "2.00"}
+    assert Hold.from_json(hold.to_json()) == hold
+    comp = Compensation("failed", "result_failed", dict(FATAL), 3)
+    assert comp.to_json() == {"target": "failed", "trigger": "result_failed",
+                              "error": FATAL, "tries": 3}
+    assert Compensation.from_json(comp.to_json()) == comp
+    error = SagaError("timed_out", "took too long", True)
+    assert SagaError.from_json(error.to_json()) == error
