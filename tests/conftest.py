@@ -31,6 +31,7 @@ from persistence.tables import metadata
 from persistence.uow import SqlUnitOfWork
 from saga.messagebus import MessageBus
 from saga.model import SagaConfig
+from saga.observer import NullObserver
 from saga.queries import Queries
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
@@ -186,7 +187,7 @@ class World:
 
         self.bus = MessageBus(uow, self.config, clock=self.clock)
         self.queries = Queries(uow)
-        self.relay = OutboxRelay(SqlOutboxStore(self.engine), self.broker, _Null())
+        self.relay = OutboxRelay(SqlOutboxStore(self.engine), self.broker, NullObserver())
 
     def pump(self) -> None:
         while self.relay.run_once():
@@ -206,11 +207,6 @@ class World:
     def published(self, exchange: str) -> list[dict[str, Any]]:
         self.pump()
         return [m.body for m in self.broker.published if m.exchange == exchange]
-
-
-class _Null:
-    def count(self, name: str, **labels: str) -> None:
-        return None
 
 
 @pytest.fixture
