@@ -1,22 +1,23 @@
-"""The composition root: the only module that wires settings, database, broker and handlers."""
+"""The composition root: the only module that wires settings, database, broker and handlers.
+
+It builds things and connects them; it holds no behaviour of its own. Background jobs live in
+:mod:`aigen.jobs`, the broker adapters in :mod:`messaging`, the rules in :mod:`saga`.
+"""
 
 from __future__ import annotations
 
 import functools
-import logging
-import threading
-import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
 
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 from sqlalchemy import Connection, Engine, text
 
 from aigen.demo_worker import DemoWorker, redispatch_unanswered
+from aigen.jobs.sweeper import Sweeper
 from aigen.metrics import PrometheusObserver
 from aigen.settings import Settings
 from api.app import ApiDeps, create_app
@@ -31,68 +32,20 @@ from persistence.external_billing import (
     HttpBillingClient,
     reap_pending_holds,
 )
-from persistence.housekeeping import purge
 from persistence.ledger import SqlLedger
 from persistence.outbox_store import SqlOutboxStore
 from persistence.uow import SqlUnitOfWork
-from saga.handlers import SagaService, utcnow
+from saga.messagebus import MessageBus
 from saga.messages import RESULTS_QUEUE
 from saga.ports import Billing
-
-log = logging.getLogger(__name__)
-
-class Sweeper:
-    """Fires passed deadlines; one per process, safe side by side (``SKIP LOCKED``)."""
-
-    def __init__(self, service: SagaService, engine: Engine, interval: float,
-                 reap: Callable[[datetime], int] | None = None) -> None:
-        self.service = service
-        self.engine = engine
-        self.interval = interval
-        self.reap = reap  # releases external holds whose reservation never committed
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="deadline-sweeper", daemon=True)
-        self._last_purge = -3600.0
-        self._last_reap = -60.0
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                fired = self.service.fire_due()
-                self._housekeeping()
-            except Exception:
-                log.exception("deadline sweep failed; retrying")
-                fired = 0
-            if fired == 0:
-                self._stop.wait(self.interval)
-
-    def _housekeeping(self) -> None:
-        if self.reap is not None and time.monotonic() - self._last_reap >= 60:
-            self._last_reap = time.monotonic()
-            released = self.reap(utcnow())
-            if released:
-                log.warning("released %d external holds left pending by a failed request",
-                            released)
-        if time.monotonic() - self._last_purge < 3600:
-            return
-        self._last_purge = time.monotonic()
-        deleted = purge(self.engine, utcnow())
-        if any(deleted.values()):
-            log.info("housekeeping deleted %s", deleted)
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
+from saga.queries import Queries
 
 
 @dataclass
 class Runtime:
     settings: Settings
     engine: Engine
-    service: SagaService
+    bus: MessageBus
     broker: Broker
     relay: OutboxRelay
     consumer: ResultConsumer
@@ -100,11 +53,9 @@ class Runtime:
     app: FastAPI
     registry: CollectorRegistry
     demo_worker: DemoWorker | None = None
-    _started: list[Any] = field(default_factory=list)
 
     def start(self) -> None:
-        if isinstance(self.broker, RabbitBroker):
-            self.broker.start()
+        self.broker.start()
         self.broker.consume(RESULTS_QUEUE, self.consumer.handle)
         if self.demo_worker:
             self.demo_worker.start()
@@ -118,7 +69,7 @@ class Runtime:
         self.relay.stop()
         if self.demo_worker:
             self.demo_worker.stop()
-        self.broker.close()
+        self.broker.stop()
         self.engine.dispose()
 
 
@@ -136,7 +87,8 @@ def build(settings: Settings, *, broker: Broker | None = None, run_migrations: b
             workers=settings.consumer_workers,
             on_unroutable=lambda exchange, _key: observer.count("unroutable", exchange=exchange)))
 
-    relay_ref: list[OutboxRelay] = []
+    store = SqlOutboxStore(engine)
+    relay = OutboxRelay(store, broker, observer, batch_size=settings.relay_batch_size)
     billing_factory: Callable[[Connection], Billing] = SqlLedger
     reap: Callable[[datetime], int] | None = None
     if settings.billing_url:
@@ -145,14 +97,11 @@ def build(settings: Settings, *, broker: Broker | None = None, run_migrations: b
         reap = functools.partial(reap_pending_holds, engine, client)
 
     def uow_factory() -> SqlUnitOfWork:
-        return SqlUnitOfWork(engine, billing_factory, after_commit=lambda: relay_ref[0].wake())
+        return SqlUnitOfWork(engine, billing_factory, after_commit=relay.wake)
 
-    service = SagaService(uow_factory, settings.saga_config(), observer=observer)
-    store = SqlOutboxStore(engine)
-    relay = OutboxRelay(store, broker, observer, batch_size=settings.relay_batch_size)
-    relay_ref.append(relay)
-    consumer = ResultConsumer(service, broker, observer)
-    sweeper = Sweeper(service, engine, settings.sweeper_interval_s, reap)
+    bus = MessageBus(uow_factory, settings.saga_config(), observer=observer)
+    consumer = ResultConsumer(bus, broker, observer)
+    sweeper = Sweeper(bus, engine, settings.sweeper_interval_s, reap)
     observer.gauge("aigen_outbox_backlog", "Outbox rows not yet confirmed by the broker",
                    store.backlog)
 
@@ -168,8 +117,8 @@ def build(settings: Settings, *, broker: Broker | None = None, run_migrations: b
         public = settings.public_url or f"http://{settings.http_host}:{settings.http_port}"
         demo_worker = DemoWorker(broker, assets_dir, public, settings.demo_delay_s)
     app = create_app(ApiDeps(
-        service=service, api_keys=settings.resolved_api_keys(),
+        bus=bus, queries=Queries(uow_factory), api_keys=settings.resolved_api_keys(),
         readiness={"database": database_ready, "broker": broker.healthy},
         registry=registry, assets_dir=assets_dir, worker_threads=settings.db_pool_size))
-    return Runtime(settings, engine, service, broker, relay, consumer, sweeper, app, registry,
+    return Runtime(settings, engine, bus, broker, relay, consumer, sweeper, app, registry,
                    demo_worker)

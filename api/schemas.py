@@ -1,4 +1,8 @@
-"""Request bodies (contract §3). Strict: unknown fields and wrong JSON types are refused."""
+"""Request bodies and response shapes of the REST API.
+
+Bodies are strict: unknown fields and wrong JSON types are refused. Literals (states, plans,
+formats, resolutions) come from ``saga``, so the schema cannot drift from the rules.
+"""
 
 from __future__ import annotations
 
@@ -16,15 +20,11 @@ from pydantic import (
     field_validator,
 )
 
-from saga.model import FORMATS
+from saga.machine import State
+from saga.model import FORMATS, FormatName
+from saga.pricing import Plan, Resolution
 
-FormatName = Literal[
-    "instagram_post", "instagram_story", "instagram_reel", "facebook_post", "linkedin_post",
-    "twitter_post", "tiktok", "youtube_thumbnail", "pinterest_pin", "custom",
-]
-Plan = Literal["free", "pro", "team", "enterprise"]
-State = Literal["requested", "processing_samples", "awaiting_selection", "processing_final",
-                "compensating", "completed", "failed", "timed_out", "cancelled", "expired"]
+__all__ = ["FormatName", "Plan", "State"]  # the saga's literals, re-exported for the routes
 
 _URL = re.compile(r"^(https?|s3)://[^\s/$.?#][^\s]*$", re.IGNORECASE)
 _HEX = re.compile(r"^#(?:[0-9a-fA-F]{3}){1,2}$")
@@ -116,7 +116,7 @@ class StartGenerationBody(Strict):
 
 class SelectionBody(Strict):
     sample_id: Str64
-    resolution: Literal["standard", "high"] = "standard"
+    resolution: Resolution = "standard"
 
 
 class RegenerateBody(Strict):
@@ -142,3 +142,84 @@ class GrantBody(Strict):
             raise ValueError("must be a positive decimal string with at most two places, "
                              "e.g. \"10.00\"")
         return amount
+
+
+# ------------------------------------------------------------------ responses
+class Out(BaseModel):
+    """Response shapes: documented in OpenAPI; the saga's views fill them."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class Credits(Out):
+    held: str
+    charged: str
+    released: str
+
+
+class GenerationOut(Out):
+    id: str
+    state: State
+    user_id: str
+    project_id: str | None
+    prompt: str
+    format: dict[str, Any]
+    sample_count: int
+    samples: list[dict[str, Any]]
+    selected_sample_id: str | None
+    final_asset: dict[str, Any] | None
+    credits: Credits
+    error: dict[str, Any] | None
+    attempt: int
+    deadline_at: str | None
+    created_at: str
+    updated_at: str
+    metadata: dict[str, Any]
+
+
+class GenerationPage(Out):
+    items: list[GenerationOut]
+    next_cursor: str | None
+
+
+class HistoryEvent(Out):
+    seq: int
+    at: str
+    kind: str
+    trigger: str | None
+    from_state: str | None
+    to_state: str | None
+    actor: str
+    detail: dict[str, Any]
+
+
+class HistoryOut(Out):
+    id: str
+    state: State
+    events: list[HistoryEvent]
+
+
+class AccountOut(Out):
+    user_id: str
+    plan: Plan
+    balance: str
+    held: str
+    available: str
+
+
+class GrantReceipt(Out):
+    amount: str
+    reason: str
+
+
+class GrantOut(AccountOut):
+    grant: GrantReceipt
+
+
+class Live(Out):
+    status: Literal["ok"]
+
+
+class Ready(Out):
+    status: Literal["ok", "unavailable"]
+    checks: dict[str, bool]

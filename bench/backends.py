@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import time
 import uuid
@@ -56,3 +57,11 @@ def wait_ready(base: str, timeout: float = 60) -> None:
             pass
         time.sleep(0.1)
     raise RuntimeError(f"{base} did not become ready within {timeout}s")
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now (the OS picks it), for a service to bind."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port

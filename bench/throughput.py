@@ -13,6 +13,7 @@ reacts to the Notification Service's messages. Prints:
 
 Run: ``./dev bench --generations 2000 --concurrency 64`` (PostgreSQL and RabbitMQ on
 127.0.0.1). This is a measurement, not a test: it asserts nothing about speed.
+One script that runs top to bottom (processes, load, report), hence its length.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ def percentile(values: list[float], q: float) -> float:
 
 def standin_process(url: str, published: Any, ready: Any, stop: Any) -> None:
     """An instant n8n: answers every job at once and reports when it published."""
-    from tests.support.standin import Reply, result_body
+    from standins.n8n import Reply, result_body
 
     conn = pika.BlockingConnection(pika.URLParameters(url))
     ch = conn.channel()

@@ -1,7 +1,13 @@
-"""The broker interface both adapters implement, and the contract topology (§4)."""
+"""The broker interface both adapters implement, the contract topology, the consumer policy.
+
+:func:`run_handler` is the one place that decides what a handler's outcome means for a
+delivery (a handler that raises is a transient failure: the message goes back); both the
+RabbitMQ and the in-process adapter call it, and pause :data:`RETRY_PAUSE_S` after a retry.
+"""
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -18,6 +24,11 @@ from saga.messages import (
     RESULTS_QUEUE,
     OutboundMessage,
 )
+
+log = logging.getLogger(__name__)
+
+# After a delivery goes back (database down), its consumer waits this long before the next.
+RETRY_PAUSE_S = 1.0
 
 # (exchange, type) declared at start-up; all durable.
 EXCHANGES = [
@@ -50,6 +61,9 @@ class Disposition(Enum):
 
 
 class Broker(Protocol):
+    def start(self) -> None:
+        """Connect (or keep trying in the background); never raises for a missing server."""
+
     def publish(self, messages: Sequence[OutboundMessage]) -> list[bool]:
         """Publish and wait for the broker's confirms; one flag per message."""
 
@@ -61,7 +75,20 @@ class Broker(Protocol):
 
     def healthy(self) -> bool: ...
 
-    def close(self) -> None: ...
+    def stop(self) -> None:
+        """Stop consuming and close the connections."""
+
+    def close(self) -> None:
+        """Same as :meth:`stop` (kept for existing callers)."""
+
+
+def run_handler(handler: Callable[[Delivery], Disposition], delivery: Delivery) -> Disposition:
+    """The handler's disposition; a handler that raises hands the message back (RETRY)."""
+    try:
+        return handler(delivery)
+    except Exception:
+        log.exception("handler failed; the message goes back to the broker")
+        return Disposition.RETRY
 
 
 def topic_matches(pattern: str, routing_key: str) -> bool:

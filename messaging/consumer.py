@@ -19,8 +19,10 @@ from messaging.broker import Broker, Delivery, Disposition
 from messaging.schemas import Result
 from saga.commands import ApplyResult
 from saga.errors import BillingUnavailable
-from saga.handlers import UNKNOWN_GENERATION, Observer, SagaService
+from saga.handlers import UNKNOWN_GENERATION
 from saga.inputs import find_nul
+from saga.messagebus import MessageBus
+from saga.observer import Observer
 
 log = logging.getLogger(__name__)
 MAX_RESULT_BYTES = 256 * 1024
@@ -28,8 +30,8 @@ _RESULT = TypeAdapter(Result)
 
 
 class ResultConsumer:
-    def __init__(self, service: SagaService, broker: Broker, observer: Observer) -> None:
-        self.service = service
+    def __init__(self, bus: MessageBus, broker: Broker, observer: Observer) -> None:
+        self.bus = bus
         self.broker = broker
         self.observer = observer
 
@@ -41,7 +43,7 @@ class ResultConsumer:
             self.broker.dead_letter(delivery, command_or_reason)
             return Disposition.ACK
         try:
-            outcome = self.service.apply_result(command_or_reason)
+            outcome = self.bus.handle(command_or_reason)
         except (OperationalError, InterfaceError, BillingUnavailable) as exc:
             log.warning("cannot apply the result now (%s); returning it to the broker", exc)
             return Disposition.RETRY

@@ -8,15 +8,20 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import queue
 import threading
 from collections.abc import Callable, Sequence
 
-from messaging.broker import EXCHANGES, QUEUES, Delivery, Disposition, topic_matches
+from messaging.broker import (
+    EXCHANGES,
+    QUEUES,
+    RETRY_PAUSE_S,
+    Delivery,
+    Disposition,
+    run_handler,
+    topic_matches,
+)
 from saga.messages import DEAD_LETTER_EXCHANGE, OutboundMessage
-
-log = logging.getLogger(__name__)
 
 
 class InProcessBroker:
@@ -68,24 +73,24 @@ class InProcessBroker:
                     delivery = q.get(timeout=0.2)
                 except queue.Empty:
                     continue
-                try:
-                    outcome = handler(delivery)
-                except Exception:
-                    log.exception("consumer handler failed")
-                    outcome = Disposition.RETRY
-                if outcome is Disposition.RETRY:
+                if run_handler(handler, delivery) is Disposition.RETRY:
                     delivery.redelivered = True
-                    self._stop.wait(1.0)
+                    self._stop.wait(RETRY_PAUSE_S)
                     q.put(delivery)
 
         thread = threading.Thread(target=run, name=f"consume-{queue_name}", daemon=True)
         thread.start()
         self._threads.append(thread)
 
+    def start(self) -> None:
+        """Nothing to connect to: queues exist from construction."""
+
     def healthy(self) -> bool:
         return not self._stop.is_set()
 
-    def close(self) -> None:
+    def stop(self) -> None:
         self._stop.set()
         for thread in self._threads:
             thread.join(timeout=2)
+
+    close = stop

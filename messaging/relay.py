@@ -13,8 +13,8 @@ from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from messaging.broker import Broker
-from saga.handlers import Observer
 from saga.messages import OutboundMessage
+from saga.observer import Observer
 
 log = logging.getLogger(__name__)
 

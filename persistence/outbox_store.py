@@ -1,4 +1,4 @@
-"""The database side of the outbox relay and the deadline sweeper's housekeeping."""
+"""The database side of the outbox relay: claim unsent rows, publish, mark them sent."""
 
 from __future__ import annotations
 

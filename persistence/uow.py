@@ -26,6 +26,7 @@ from saga.ports import (
     Inbox,
     Outbox,
 )
+from saga.values import Compensation, Hold, SagaError
 
 # Saga attributes kept in the JSON body (the rest are columns or transient).
 _BODY_FIELDS = (
@@ -37,8 +38,18 @@ _BODY_FIELDS = (
 _MONEY_FIELDS = ("held", "charged", "released")
 
 
+# Value-typed saga attributes and how they read back from the JSON body.
+_VALUE_FIELDS: dict[str, Callable[[dict[str, Any]], Any]] = {
+    "hold": Hold.from_json, "compensation": Compensation.from_json,
+    "error": SagaError.from_json,
+}
+
+
 def saga_to_row(saga: Generation) -> dict[str, Any]:
     body = {name: getattr(saga, name) for name in _BODY_FIELDS}
+    for name in _VALUE_FIELDS:
+        value = body[name]
+        body[name] = value.to_json() if value is not None else None
     body.update({name: str(getattr(saga, name)) for name in _MONEY_FIELDS})
     return {
         "id": saga.id, "user_id": saga.user_id, "state": saga.state,
@@ -51,6 +62,9 @@ def saga_from_row(row: Any) -> Generation:
     body = dict(row.body)
     for name in _MONEY_FIELDS:
         body[name] = Decimal(body.get(name, "0.00"))
+    for name, load in _VALUE_FIELDS.items():
+        if body.get(name) is not None:
+            body[name] = load(body[name])
     known = {k: v for k, v in body.items() if k in _BODY_FIELDS or k in _MONEY_FIELDS}
     return Generation(
         id=row.id, user_id=row.user_id, state=row.state, version=row.version,

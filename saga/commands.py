@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
+from saga.ports import IdempotencyRecord
+
 
 @dataclass(frozen=True)
 class StartGeneration:
@@ -67,3 +69,19 @@ class Grant:
     user_id: str
     amount: Decimal
     reason: str
+
+
+@dataclass(frozen=True)
+class FireDeadlines:
+    """Fire every passed deadline, at most ``limit``, each in its own transaction."""
+
+    limit: int = 200
+
+
+@dataclass(frozen=True)
+class StoreResponse:
+    """Store a refusal's response under its Idempotency-Key (successes store their own)."""
+
+    record: IdempotencyRecord
+    status: int
+    body: Any

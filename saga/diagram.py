@@ -59,7 +59,8 @@ class MachineDefinition:
 def definition(machine: Any = None, terminal: Iterable[str] | None = None) -> MachineDefinition:
     """States and transitions of ``machine`` (default: the one every saga runs on)."""
     if machine is None or terminal is None:
-        from saga.machine import MACHINE, TERMINAL
+        from saga.machine import MACHINE
+        from saga.model import TERMINAL_STATES as TERMINAL
 
         machine = MACHINE if machine is None else machine
         terminal = TERMINAL if terminal is None else terminal

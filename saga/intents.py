@@ -75,6 +75,5 @@ class PublishStateChanged:
     to_state: str
 
 
-CreditIntent = Reserve | Commit | Release | Waive
 Intent = (HistoryEntry | Reserve | Commit | Release | Waive | DispatchJob | Notify
           | PublishStateChanged)

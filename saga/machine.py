@@ -10,14 +10,17 @@ is safe from many threads at once.
 
 from __future__ import annotations
 
-from typing import Any
+from datetime import datetime
+from typing import Any, Literal, get_args
 
 from transitions import Machine
 
 from saga.errors import InvalidState
-from saga.model import Generation
+from saga.intents import Actor
+from saga.model import Generation, SagaConfig
+from saga.triggers import Firing, Trigger
 
-STATES = [
+State = Literal[
     "requested",
     "processing_samples",
     "awaiting_selection",
@@ -29,6 +32,7 @@ STATES = [
     "cancelled",
     "expired",
 ]
+STATES: list[str] = list(get_args(State))
 
 _CANCELLABLE = ["requested", "processing_samples", "awaiting_selection", "processing_final"]
 
@@ -76,8 +80,6 @@ TRANSITIONS: list[dict[str, Any]] = [
     ],
 ]
 
-TERMINAL = frozenset({"completed", "failed", "timed_out", "cancelled", "expired"})
-
 MACHINE = Machine(
     model=None,
     states=STATES,
@@ -96,14 +98,17 @@ def allowed_triggers(state: str) -> list[str]:
     return list(MACHINE.get_triggers(state))
 
 
-def fire(saga: Generation, trigger: str, **kwargs: Any) -> bool:
-    """Fire ``trigger`` on ``saga``; raise :class:`InvalidState` if its state does not allow it.
+def fire(saga: Generation, payload: Trigger, *, now: datetime, actor: Actor,
+         config: SagaConfig) -> bool:
+    """Fire ``payload.name`` on ``saga``; raise :class:`InvalidState` if its state forbids it.
 
     Returns False when the trigger exists for the state but every guard refused it (nothing
     changed then). Guards that refuse with a reason of their own raise a ``DomainError``.
     """
+    trigger = payload.name
     if trigger not in MACHINE.get_triggers(saga.state):
         raise InvalidState(f"cannot {trigger.replace('_', ' ')} a generation in state "
-                           f"{saga.state!r}", state=saga.state, trigger=trigger)
-    result: bool = MACHINE.events[trigger].trigger(saga, **kwargs)
+                           f"{saga.state!r}", state=saga.state)
+    firing = Firing(payload, now, actor, config)
+    result: bool = MACHINE.events[trigger].trigger(saga, firing=firing)
     return result

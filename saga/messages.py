@@ -23,13 +23,6 @@ DEAD_LETTER_QUEUE = "orchestrator.generation.results.dlq"
 JOB_ROUTING_PREFIX = "generation.job."
 RESULT_ROUTING_PREFIX = "generation.result."
 
-RESULT_TYPES = {
-    "AIGenerationSamplesReady": "samples_ready",
-    "AIGenerationFinalAssetReady": "final_ready",
-    "AIGenerationFailed": "failed",
-    "AIGenerationProgress": "progress",
-}
-
 
 @dataclass(frozen=True)
 class OutboundMessage:

@@ -1,18 +1,30 @@
-"""The generation saga aggregate and its configuration."""
+"""The generation saga aggregate and its configuration.
+
+Over 300 lines on purpose: every transition callback must be a method of :class:`Generation`
+(``transitions`` resolves the machine's callbacks by name on the model), so the aggregate
+and its callbacks stay one class; splitting it would only scatter one state machine's steps.
+"""
 
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from decimal import Decimal
-from typing import Any
+from typing import Any, Literal, get_args
 
 from transitions import EventData
 
 from saga import intents as it
+from saga import triggers as tg
 from saga.errors import UnknownSample
-from saga.pricing import ZERO, PriceBook, final_output, money
+from saga.pricing import ZERO, PriceBook, Stage, final_output, money
+from saga.values import Compensation, Hold, SagaError
+
+# What ``due_at`` means: a stage deadline, a retry's time, the selection window, a retry of a
+# stuck release.
+DueKind = Literal["stage", "retry", "selection", "compensate"]
 
 # name -> (width, height); ``custom`` takes both from the request.
 FORMATS: dict[str, tuple[int, int]] = {
@@ -26,6 +38,12 @@ FORMATS: dict[str, tuple[int, int]] = {
     "youtube_thumbnail": (1280, 720),
     "pinterest_pin": (1000, 1500),
 }
+
+FormatName = Literal[
+    "instagram_post", "instagram_story", "instagram_reel", "facebook_post", "linkedin_post",
+    "twitter_post", "tiktok", "youtube_thumbnail", "pinterest_pin", "custom",
+]
+assert set(get_args(FormatName)) == {*FORMATS, "custom"}, "FormatName and FORMATS disagree"
 
 TERMINAL_STATES = frozenset({"completed", "failed", "timed_out", "cancelled", "expired"})
 
@@ -107,15 +125,15 @@ class Generation:
     held: Decimal = ZERO
     charged: Decimal = ZERO
     released: Decimal = ZERO
-    error: dict[str, Any] | None = None
-    stage: str | None = None
+    error: SagaError | None = None
+    stage: Stage | None = None
     attempt: int = 0
     job_id: str | None = None
-    hold: dict[str, Any] | None = None  # the open hold: {hold_id, stage, amount}
+    hold: Hold | None = None  # the open hold
     round: int = 0  # sample rounds started (regenerations included)
     due_at: datetime | None = None
-    due_kind: str | None = None  # stage | retry | selection | compensate
-    compensation: dict[str, Any] | None = None
+    due_kind: DueKind | None = None
+    compensation: Compensation | None = None
     updated_at: datetime | None = None
     version: int = 0
     history_seq: int = 0
@@ -147,23 +165,22 @@ class Generation:
 
     # -- machine-level callbacks ----------------------------------------------------------
     def record_transition(self, event: EventData) -> None:
+        firing = _firing(event)
         dest = event.transition.dest if event.transition and event.transition.dest else None
         src = event.transition.source if event.transition else self.state
-        detail = {k: v for k, v in event.kwargs.get("detail", {}).items()}
         self.pending.append(
             it.HistoryEntry(
                 kind="transition",
-                actor=event.kwargs.get("actor", "system"),
+                actor=firing.actor,
                 trigger=event.event.name if event.event else None,
                 from_state=src,
                 to_state=dest or src,
-                detail=detail,
+                detail=dict(firing.payload.detail),
             )
         )
 
     def publish_state_change(self, event: EventData) -> None:
-        now: datetime = event.kwargs["now"]
-        self.updated_at = now
+        self.updated_at = _firing(event).now
         transition = event.transition
         if transition is not None and transition.dest and transition.dest != transition.source:
             self.pending.append(it.PublishStateChanged(transition.source, transition.dest))
@@ -174,20 +191,19 @@ class Generation:
 
     # -- conditions -------------------------------------------------------------------------
     def has_sample(self, event: EventData) -> bool:
-        sample_id = event.kwargs["sample_id"]
+        sample_id = _firing(event).expect(tg.Select).sample_id
         if self.sample(sample_id) is None:
             raise UnknownSample(f"sample {sample_id!r} was not delivered for this generation",
                                 field="sample_id")
         return True
 
     def may_retry(self, event: EventData) -> bool:
-        cfg: SagaConfig = event.kwargs["config"]
-        error = event.kwargs["error"]
-        return bool(error.get("retryable")) and self.attempt < cfg.max_attempts
+        firing = _firing(event)
+        error = firing.expect(tg.ResultFailed).error
+        return bool(error.get("retryable")) and self.attempt < firing.config.max_attempts
 
     def is_due(self, event: EventData) -> bool:
-        now: datetime = event.kwargs["now"]
-        return self.due_at is not None and self.due_at <= now
+        return self.due_at is not None and self.due_at <= _firing(event).now
 
     def is_retry_due(self, event: EventData) -> bool:
         return self.due_kind == "retry" and self.is_due(event)
@@ -196,41 +212,44 @@ class Generation:
         return self.due_kind in ("stage", "selection") and self.is_due(event)
 
     def targets_compensation(self, event: EventData) -> bool:
-        comp = self.compensation or {}
-        return event.transition is not None and comp.get("target") == event.transition.dest
+        comp = self.compensation
+        return (comp is not None and event.transition is not None
+                and comp.target == event.transition.dest)
 
     def can_cancel_compensation(self, event: EventData) -> bool:
         """Cancel while compensating only when the saga would otherwise live on."""
-        return (self.compensation or {}).get("target") == "awaiting_selection"
+        return self.compensation is not None and self.compensation.target == "awaiting_selection"
 
     # -- stage starts ----------------------------------------------------------------------
     def begin_samples_round(self, event: EventData) -> None:
-        cfg: SagaConfig = event.kwargs["config"]
-        price: Decimal = event.kwargs["price"]
-        prompt = event.kwargs.get("prompt")
-        if prompt:
-            self.prompt = prompt
+        firing = _firing(event)
+        payload = firing.payload
+        if not isinstance(payload, tg.Start | tg.Regenerate):
+            raise TypeError(f"a samples round cannot start from {type(payload).__name__}")
+        if isinstance(payload, tg.Regenerate) and payload.prompt:
+            self.prompt = payload.prompt
         self.round += 1
         self.samples = []
         self.selected_sample_id = None
         self.resolution = None
         self.error = None
-        self._open_stage("samples", price, cfg, event.kwargs["now"])
+        self._open_stage("samples", payload.price, firing.config, firing.now)
 
     def begin_final(self, event: EventData) -> None:
-        cfg: SagaConfig = event.kwargs["config"]
-        self.selected_sample_id = event.kwargs["sample_id"]
-        self.resolution = event.kwargs.get("resolution") or "standard"
+        firing = _firing(event)
+        payload = firing.expect(tg.Select)
+        self.selected_sample_id = payload.sample_id
+        self.resolution = payload.resolution or "standard"
         self.error = None
-        self._open_stage("final", event.kwargs["price"], cfg, event.kwargs["now"])
+        self._open_stage("final", payload.price, firing.config, firing.now)
 
-    def _open_stage(self, stage: str, price: Decimal, cfg: SagaConfig, now: datetime) -> None:
+    def _open_stage(self, stage: Stage, price: Decimal, cfg: SagaConfig, now: datetime) -> None:
         self.stage = stage
         self.attempt = 0
         price = money(price)
         if price > ZERO:
             hold_id = new_id()
-            self.hold = {"hold_id": hold_id, "stage": stage, "amount": str(price)}
+            self.hold = Hold(hold_id, stage, price)
             self.held += price
             self.pending.append(it.Reserve(hold_id, stage, price))
         else:
@@ -256,60 +275,60 @@ class Generation:
 
     # -- results ---------------------------------------------------------------------------
     def accept_samples(self, event: EventData) -> None:
-        cfg: SagaConfig = event.kwargs["config"]
-        self.samples = list(event.kwargs["samples"])
+        firing = _firing(event)
+        self.samples = list(firing.expect(tg.SamplesReady).samples)
         self._settle(commit=True)
-        self._open_selection_window(cfg, event.kwargs["now"])
+        self._open_selection_window(firing.config, firing.now)
         self._notify("samples_ready", {"samples": self.samples})
 
     def accept_final(self, event: EventData) -> None:
-        self.final_asset = dict(event.kwargs["asset"])
+        self.final_asset = dict(_firing(event).expect(tg.FinalReady).asset)
         self._settle(commit=True)
         self._notify("final_ready", {"asset": self.final_asset})
 
     def schedule_retry(self, event: EventData) -> None:
-        cfg: SagaConfig = event.kwargs["config"]
-        now: datetime = event.kwargs["now"]
+        firing = _firing(event)
         self.job_id = None  # anything still arriving for the failed job is stale
-        self.due_at = now + cfg.retry_delay(self.attempt)
+        self.due_at = firing.now + firing.config.retry_delay(self.attempt)
         self.due_kind = "retry"
-        self.note(event.kwargs.get("actor", "system"),
+        self.note(firing.actor,
                   {"retry_at": self.due_at.isoformat(), "next_attempt": self.attempt + 1})
 
     def dispatch_again(self, event: EventData) -> None:
-        self._dispatch(event.kwargs["config"], event.kwargs["now"])
+        firing = _firing(event)
+        self._dispatch(firing.config, firing.now)
 
     # -- stage ends ------------------------------------------------------------------------
     def end_samples_failed(self, event: EventData) -> None:
-        error = event.kwargs["error"]
+        payload = _firing(event).payload
+        error = (payload.error if isinstance(payload, tg.ResultFailed | tg.Compensated)
+                 else None) or {}
         code = str(error.get("code") or "generation_failed")
-        self.error = {"code": code, "message": _USER_ERROR_TEXT.get(code, _GENERIC_ERROR_TEXT),
-                      "retryable": bool(error.get("retryable"))}
+        self.error = SagaError(code, _USER_ERROR_TEXT.get(code, _GENERIC_ERROR_TEXT),
+                               bool(error.get("retryable")))
         self._settle(commit=False)
-        self._notify("failed", {"error": self.error})
+        self._notify("failed", {"error": self.error.to_json()})
 
     def end_samples_timed_out(self, event: EventData) -> None:
-        self.error = {"code": "timed_out", "message": USER_MESSAGES["timed_out"],
-                      "retryable": True}
+        self.error = SagaError("timed_out", USER_MESSAGES["timed_out"], True)
         self._settle(commit=False)
-        self._notify("timed_out", {"error": self.error})
+        self._notify("timed_out", {"error": self.error.to_json()})
 
     def end_final_failed(self, event: EventData) -> None:
-        self.error = {"code": "final_failed", "message": USER_MESSAGES["final_failed"],
-                      "retryable": True}
+        self.error = SagaError("final_failed", USER_MESSAGES["final_failed"], True)
         self._back_to_selection(event, "final_failed")
 
     def end_final_timed_out(self, event: EventData) -> None:
-        self.error = {"code": "final_timed_out", "message": USER_MESSAGES["final_timed_out"],
-                      "retryable": True}
+        self.error = SagaError("final_timed_out", USER_MESSAGES["final_timed_out"], True)
         self._back_to_selection(event, "final_timed_out")
 
     def _back_to_selection(self, event: EventData, notification: str) -> None:
         self._settle(commit=False)
         self.selected_sample_id = None
         self.resolution = None
-        self._open_selection_window(event.kwargs["config"], event.kwargs["now"])
-        self._notify(notification, {"error": self.error})
+        firing = _firing(event)
+        self._open_selection_window(firing.config, firing.now)
+        self._notify(notification, {"error": self.error.to_json() if self.error else None})
 
     def end_expired(self, event: EventData) -> None:
         self._notify("expired", {})
@@ -320,30 +339,26 @@ class Generation:
 
     # -- compensation (external billing not answering) ---------------------------------------
     def begin_compensation(self, event: EventData) -> None:
-        cfg: SagaConfig = event.kwargs["config"]
-        now: datetime = event.kwargs["now"]
-        self.compensation = {
-            "target": event.kwargs["target"],
-            "trigger": event.kwargs["original_trigger"],
-            "error": event.kwargs.get("error"),
-            "tries": 1,
-        }
+        firing = _firing(event)
+        payload = firing.expect(tg.BillingUnavailable)
+        self.compensation = Compensation(payload.target, payload.original_trigger, payload.error)
         self.job_id = None
-        self.due_at = now + cfg.compensation_delay(1)
+        self.due_at = firing.now + firing.config.compensation_delay(1)
         self.due_kind = "compensate"
 
     def retarget_to_cancelled(self, event: EventData) -> None:
-        comp = dict(self.compensation or {})
-        comp.update(target="cancelled", trigger="cancel", error=None)
-        self.compensation = comp
+        assert self.compensation is not None  # the guard checked it
+        self.compensation = replace(self.compensation, target="cancelled", trigger="cancel",
+                                    error=None)
 
     def finish_compensation(self, event: EventData) -> None:
-        comp = self.compensation or {}
+        comp = self.compensation
+        assert comp is not None  # the guard checked it
         self.compensation = None
         self.due_at = None
         self.due_kind = None
-        ender = _COMPENSATION_ENDERS[str(comp.get("target")), str(comp.get("trigger"))]
-        getattr(self, ender)(event)
+        ender = _COMPENSATION_ENDERS[comp.target, comp.trigger]
+        ender(self, event)
 
     def _open_selection_window(self, cfg: SagaConfig, now: datetime) -> None:
         self.job_id = None
@@ -357,26 +372,32 @@ class Generation:
         hold = self.hold
         if hold is None:
             return
-        amount = Decimal(hold["amount"])
+        amount = hold.amount
         self.held -= amount
         if commit:
             self.charged += amount
-            self.pending.append(it.Commit(hold["hold_id"], hold["stage"], amount))
+            self.pending.append(it.Commit(hold.hold_id, hold.stage, amount))
         else:
             self.released += amount
-            self.pending.append(it.Release(hold["hold_id"], hold["stage"], amount))
+            self.pending.append(it.Release(hold.hold_id, hold.stage, amount))
         self.hold = None
 
     def _notify(self, type_: str, data: dict[str, Any]) -> None:
         self.pending.append(it.Notify(type_, USER_MESSAGES[type_], data))
 
 
+def _firing(event: EventData) -> tg.Firing:
+    firing = event.kwargs["firing"]
+    assert isinstance(firing, tg.Firing)
+    return firing
+
+
 # (target, original trigger) -> the ending callback that compensation finally runs.
-_COMPENSATION_ENDERS = {
-    ("failed", "result_failed"): "end_samples_failed",
-    ("timed_out", "timeout"): "end_samples_timed_out",
-    ("cancelled", "cancel"): "end_cancelled",
-    ("awaiting_selection", "result_failed"): "end_final_failed",
-    ("awaiting_selection", "timeout"): "end_final_timed_out",
+_COMPENSATION_ENDERS: dict[tuple[str, str], Callable[[Generation, EventData], None]] = {
+    ("failed", "result_failed"): Generation.end_samples_failed,
+    ("timed_out", "timeout"): Generation.end_samples_timed_out,
+    ("cancelled", "cancel"): Generation.end_cancelled,
+    ("awaiting_selection", "result_failed"): Generation.end_final_failed,
+    ("awaiting_selection", "timeout"): Generation.end_final_timed_out,
 }
 

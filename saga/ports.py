@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
@@ -140,8 +139,3 @@ class AlreadyAnswered(Exception):
         super().__init__("idempotency key already answered")
         self.stored = stored
 
-
-def iter_credit_intents(intents: list[it.Intent]) -> Iterator[it.Commit | it.Release]:
-    for intent in intents:
-        if isinstance(intent, it.Commit | it.Release):
-            yield intent

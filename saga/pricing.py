@@ -7,12 +7,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Literal
+from typing import Literal, get_args
 
 Stage = Literal["samples", "final"]
 Resolution = Literal["standard", "high"]
 
-PLANS = ("free", "pro", "team", "enterprise")
+Plan = Literal["free", "pro", "team", "enterprise"]
+PLANS: tuple[str, ...] = get_args(Plan)
 CENT = Decimal("0.01")
 ZERO = Decimal("0.00")
 

@@ -23,7 +23,7 @@ def generation_view(saga: Generation) -> dict[str, Any]:
         "selected_sample_id": saga.selected_sample_id,
         "final_asset": saga.final_asset,
         "credits": saga.credits(),
-        "error": saga.error,
+        "error": saga.error.to_json() if saga.error else None,
         "attempt": saga.attempt,
         "deadline_at": iso(saga.due_at) if saga.due_at and not saga.terminal else None,
         "created_at": iso(saga.created_at),

@@ -29,8 +29,10 @@ from persistence.ledger import SqlLedger
 from persistence.outbox_store import SqlOutboxStore
 from persistence.tables import metadata
 from persistence.uow import SqlUnitOfWork
-from saga.handlers import SagaService
+from saga.messagebus import MessageBus
 from saga.model import SagaConfig
+from saga.observer import NullObserver
+from saga.queries import Queries
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 PG_ADMIN_URL = os.environ.get("AIGEN_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -168,7 +170,7 @@ TEST_CONFIG = SagaConfig(
 
 @dataclass
 class World:
-    """The saga service on a real database with an in-process broker and a manual clock.
+    """The message bus and queries on a real database with an in-process broker and a manual clock.
 
     ``pump()`` relays the outbox synchronously; ``jobs()`` returns what n8n would receive.
     """
@@ -180,9 +182,12 @@ class World:
     billing_factory: Any = SqlLedger
 
     def __post_init__(self) -> None:
-        self.service = SagaService(lambda: SqlUnitOfWork(self.engine, self.billing_factory),
-                                   self.config, clock=self.clock)
-        self.relay = OutboxRelay(SqlOutboxStore(self.engine), self.broker, _Null())
+        def uow() -> SqlUnitOfWork:
+            return SqlUnitOfWork(self.engine, self.billing_factory)
+
+        self.bus = MessageBus(uow, self.config, clock=self.clock)
+        self.queries = Queries(uow)
+        self.relay = OutboxRelay(SqlOutboxStore(self.engine), self.broker, NullObserver())
 
     def pump(self) -> None:
         while self.relay.run_once():
@@ -202,11 +207,6 @@ class World:
     def published(self, exchange: str) -> list[dict[str, Any]]:
         self.pump()
         return [m.body for m in self.broker.published if m.exchange == exchange]
-
-
-class _Null:
-    def count(self, name: str, **labels: str) -> None:
-        return None
 
 
 @pytest.fixture

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from saga.handlers import SagaService
-
 
 class NotAvailableYet(Exception):
     """The service has no command for this action yet (shown as 501 Not Implemented)."""
@@ -22,24 +20,24 @@ class NotAvailableYet(Exception):
         self.action = action
 
 
-def cancel(service: SagaService, generation_id: str, reason: str) -> dict[str, Any]:
+def cancel(deps: Any, generation_id: str, reason: str) -> dict[str, Any]:
     # The service's cancel command records actor ``odoo``; a support cancel must say
     # ``support`` in the history, so it waits for a support command.
     raise NotAvailableYet("Cancelling a generation from the console")
 
 
-def retry(service: SagaService, generation_id: str, reason: str) -> dict[str, Any]:
+def retry(deps: Any, generation_id: str, reason: str) -> dict[str, Any]:
     raise NotAvailableYet("Retrying a parked generation")
 
 
-def resolve(service: SagaService, generation_id: str, reason: str, hold_id: str,
+def resolve(deps: Any, generation_id: str, reason: str, hold_id: str,
             outcome: str) -> dict[str, Any]:
     raise NotAvailableYet("Resolving a hold")
 
 
-def replay_dead_letter(service: SagaService, dead_letter_id: str, reason: str) -> None:
+def replay_dead_letter(deps: Any, dead_letter_id: str, reason: str) -> None:
     raise NotAvailableYet("Replaying a dead letter")
 
 
-def discard_dead_letter(service: SagaService, dead_letter_id: str, reason: str) -> None:
+def discard_dead_letter(deps: Any, dead_letter_id: str, reason: str) -> None:
     raise NotAvailableYet("Discarding a dead letter")

@@ -21,9 +21,10 @@ from sqlalchemy import Connection, func, select
 
 from persistence.tables import generations, holds, journal
 from saga.errors import NotFound
-from saga.handlers import SagaService
-from saga.machine import STATES, TERMINAL
+from saga.machine import STATES
+from saga.model import TERMINAL_STATES as TERMINAL
 from saga.pricing import fmt
+from saga.queries import Queries
 
 PAGE_SIZE = 20
 
@@ -70,7 +71,7 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
         raise BadCursor("not a cursor from this console") from exc
 
 
-def search_generations(service: SagaService, *, user_id: str | None = None,
+def search_generations(service: Queries, *, user_id: str | None = None,
                        state: str | None = None, since: datetime | None = None,
                        until: datetime | None = None, cursor: str | None = None,
                        limit: int = PAGE_SIZE) -> Page:
@@ -90,22 +91,22 @@ def search_generations(service: SagaService, *, user_id: str | None = None,
     return Page(items, encode_cursor(next_after) if next_after else None)
 
 
-def generation(service: SagaService, generation_id: str) -> dict[str, Any]:
+def generation(service: Queries, generation_id: str) -> dict[str, Any]:
     """The Generation resource; raises ``NotFound``."""
     return service.get(generation_id)
 
 
-def history(service: SagaService, generation_id: str) -> dict[str, Any]:
+def history(service: Queries, generation_id: str) -> dict[str, Any]:
     """``{id, state, events}``; raises ``NotFound``."""
     return service.history(generation_id)
 
 
-def account(service: SagaService, user_id: str) -> dict[str, Any]:
+def account(service: Queries, user_id: str) -> dict[str, Any]:
     """The Account resource; raises ``NotFound``."""
     return service.account(user_id)
 
 
-def attention(service: SagaService) -> Attention:
+def attention(service: Queries) -> Attention:
     """Parked sagas, oldest first. The service cannot park sagas yet."""
     lister = getattr(service, "attention", None)
     if lister is None:
@@ -114,7 +115,7 @@ def attention(service: SagaService) -> Attention:
     return Attention(available=True, items=list(items))
 
 
-def dead_letters(service: SagaService) -> DeadLetters:
+def dead_letters(service: Queries) -> DeadLetters:
     """Dead-lettered messages. The service keeps no store of them yet."""
     lister = getattr(service, "dead_letters", None)
     if lister is None:
@@ -124,7 +125,7 @@ def dead_letters(service: SagaService) -> DeadLetters:
 
 
 # ------------------------------------------------------------- reads with no service query yet
-def _read(service: SagaService) -> Any:
+def _read(service: Queries) -> Any:
     return service.uow_factory()
 
 
@@ -133,7 +134,7 @@ def _conn(uow: Any) -> Connection | None:
     return conn if isinstance(conn, Connection) else None
 
 
-def state_counts(service: SagaService) -> dict[str, int]:
+def state_counts(service: Queries) -> dict[str, int]:
     """How many generations are in each state (every state listed, zeros included)."""
     counts = dict.fromkeys(STATES, 0)
     with _read(service) as uow:
@@ -153,7 +154,7 @@ def _hold_row(row: Any) -> dict[str, Any]:
             "created_at": _iso(row.created_at), "settled_at": _iso(row.settled_at)}
 
 
-def open_holds(service: SagaService, *, user_id: str | None = None,
+def open_holds(service: Queries, *, user_id: str | None = None,
                generation_id: str | None = None) -> list[dict[str, Any]]:
     """Holds not settled yet (``open``, or ``pending`` with external billing), oldest first."""
     with _read(service) as uow:
@@ -168,7 +169,7 @@ def open_holds(service: SagaService, *, user_id: str | None = None,
         return [_hold_row(r) for r in conn.execute(query.order_by(holds.c.created_at))]
 
 
-def account_journal(service: SagaService, user_id: str, limit: int = 100
+def account_journal(service: Queries, user_id: str, limit: int = 100
                     ) -> list[dict[str, Any]]:
     """The account's journal, newest first."""
     with _read(service) as uow:

@@ -49,9 +49,9 @@ class _Refused(Exception):
 
 
 def console_router(deps: Any) -> APIRouter:
-    """``deps`` is the app's ``ApiDeps`` (``service``, ``api_keys``)."""
+    """``deps`` is the app's ``ApiDeps`` (``bus``, ``queries``, ``api_keys``)."""
     router = APIRouter(prefix=PREFIX, include_in_schema=False)
-    service = deps.service
+    service = deps.queries
     sessions = Sessions(deps.api_keys)
     machine = definition()
     env = Environment(loader=PackageLoader("api.console", "templates"),
@@ -283,14 +283,14 @@ def console_router(deps: Any) -> APIRouter:
     @guarded
     async def cancel(request: Request, generation_id: str) -> Response:
         _session, fields = await checked_post(request)
-        await read(actions.cancel, service, generation_id, reason_of(fields))
+        await read(actions.cancel, deps, generation_id, reason_of(fields))
         return _back(generation_id, "cancelled")
 
     @router.post("/generations/{generation_id}/retry")
     @guarded
     async def retry(request: Request, generation_id: str) -> Response:
         _session, fields = await checked_post(request)
-        await read(actions.retry, service, generation_id, reason_of(fields))
+        await read(actions.retry, deps, generation_id, reason_of(fields))
         return _back(generation_id, "retried")
 
     @router.post("/generations/{generation_id}/resolve")
@@ -305,21 +305,21 @@ def console_router(deps: Any) -> APIRouter:
         hold_id = fields.get("hold_id", "")
         if not hold_id:
             raise _Refused(422, "Hold needed", "Choose the hold to resolve.")
-        await read(actions.resolve, service, generation_id, reason, hold_id, outcome)
+        await read(actions.resolve, deps, generation_id, reason, hold_id, outcome)
         return _back(generation_id, "resolved")
 
     @router.post("/dead-letters/{dead_letter_id}/replay")
     @guarded
     async def replay(request: Request, dead_letter_id: str) -> Response:
         _session, fields = await checked_post(request)
-        await read(actions.replay_dead_letter, service, dead_letter_id, reason_of(fields))
+        await read(actions.replay_dead_letter, deps, dead_letter_id, reason_of(fields))
         return RedirectResponse(f"{PREFIX}/dead-letters?done=replayed", status_code=303)
 
     @router.post("/dead-letters/{dead_letter_id}/discard")
     @guarded
     async def discard(request: Request, dead_letter_id: str) -> Response:
         _session, fields = await checked_post(request)
-        await read(actions.discard_dead_letter, service, dead_letter_id, reason_of(fields))
+        await read(actions.discard_dead_letter, deps, dead_letter_id, reason_of(fields))
         return RedirectResponse(f"{PREFIX}/dead-letters?done=discarded", status_code=303)
 
     return router

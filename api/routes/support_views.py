@@ -21,7 +21,7 @@ from saga.errors import NotFound
 
 
 def support_views_router(deps: Any) -> APIRouter:
-    """``deps`` is the app's ``ApiDeps`` (``service``, ``api_keys``)."""
+    """``deps`` is the app's ``ApiDeps`` (``bus``, ``queries``, ``api_keys``)."""
     router = APIRouter(prefix="/api/v1", tags=["support"])
     keys = Sessions(deps.api_keys)
     machine = definition()
@@ -51,7 +51,7 @@ def support_views_router(deps: Any) -> APIRouter:
         """The machine as SVG; the saga's current state has ``aria-current="step"`` and the
         states and transitions its history went through have the class ``taken``."""
         try:
-            history = await run_in_threadpool(data.history, deps.service, generation_id)
+            history = await run_in_threadpool(data.history, deps.queries, generation_id)
         except NotFound as exc:
             raise Problem(404, "not_found", exc.message) from None
         svg = render_svg(machine, current=history["state"],

@@ -48,7 +48,7 @@ def client(monkeypatch: pytest.MonkeyPatch) -> Iterator[TestClient]:
         "id": "dl-9", "dead_lettered_at": "2026-12-01T09:00:00Z", "reason": "schema",
         "routing_key": "generation.result.samples", "generation_id": None,
         "body_preview": '{"broken": '}]))
-    app = create_app(ApiDeps(service=object(), api_keys=KEYS))  # type: ignore[arg-type]
+    app = create_app(ApiDeps(bus=object(), queries=object(), api_keys=KEYS))  # type: ignore[arg-type]
     with TestClient(app) as c:
         form = c.get("/console/sign-in").text
         token = re.search(r'name="csrf_token" value="([^"]+)"', form)

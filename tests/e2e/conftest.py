@@ -25,6 +25,7 @@ from sqlalchemy import Engine
 
 from aigen.bootstrap import build
 from messaging.rabbitmq import RabbitBroker
+from standins.n8n import wait_for
 from tests.conftest import unavailable
 from tests.integration.rabbit_fixtures import Running, ledger_report, settings_for
 from tests.n8n_support import (
@@ -38,7 +39,6 @@ from tests.n8n_support import (
 )
 from tests.n8n_support.rabbit import JOBS_QUEUE, RESULTS_QUEUE
 from tests.n8n_support.runner import n8n_home
-from tests.support.standin import wait_for
 
 log = logging.getLogger("tests.e2e")
 log.setLevel(logging.INFO)

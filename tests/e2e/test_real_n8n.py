@@ -23,10 +23,10 @@ import httpx
 import pytest
 from sqlalchemy import Engine
 
+from standins.n8n import wait_for
 from tests.e2e.conftest import assert_ledger_clean
 from tests.integration.rabbit_fixtures import SERVICE, SUPPORT, Running, cents, spawn_serve
 from tests.n8n_support import N8nStack, parse_s3_url
-from tests.support.standin import wait_for
 
 pytestmark = pytest.mark.n8n
 

@@ -17,7 +17,7 @@ from sqlalchemy import Engine, func, select
 from aigen.bootstrap import Runtime
 from aigen.settings import Settings
 from persistence.tables import accounts, holds, journal, outbox
-from tests.support.standin import wait_for
+from standins.n8n import wait_for
 
 SERVICE = {"Authorization": "Bearer svc-key"}
 SUPPORT = {"Authorization": "Bearer sup-key"}

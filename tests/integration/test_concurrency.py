@@ -35,7 +35,7 @@ FORMAT = {"name": "instagram_post", "width": 1080, "height": 1080}
 
 @pytest.fixture
 def client(pg_world: World) -> Iterator[TestClient]:
-    app = create_app(ApiDeps(service=pg_world.service,
+    app = create_app(ApiDeps(bus=pg_world.bus, queries=pg_world.queries,
                              api_keys={"svc-key": "service", "sup-key": "support"}))
     with TestClient(app) as test_client:
         yield test_client
@@ -69,10 +69,10 @@ def samples() -> list[dict[str, Any]]:
 
 
 def awaiting_selection(world: World, user_id: str = "u-42") -> str:
-    svc = world.service
-    gen = svc.start(StartGeneration(user_id=user_id, prompt="p", format=FORMAT))
+    svc = world
+    gen = svc.bus.handle(StartGeneration(user_id=user_id, prompt="p", format=FORMAT))
     (job,) = world.jobs()
-    assert svc.apply_result(ApplyResult("AIGenerationSamplesReady", gen["id"], job["job_id"],
+    assert svc.bus.handle(ApplyResult("AIGenerationSamplesReady", gen["id"], job["job_id"],
                                         samples=samples())) == "applied"
     return str(gen["id"])
 
@@ -103,14 +103,14 @@ def count_generations(world: World) -> int:
 
 
 def history(world: World, gen_id: str) -> list[dict[str, Any]]:
-    return list(world.service.history(gen_id)["events"])
+    return list(world.queries.history(gen_id)["events"])
 
 
 # ------------------------------------------------------------------ selection races
 @pytest.mark.parametrize("threads", [2, THREADS])
 def test_concurrent_selections_one_wins(client: TestClient, pg_world: World,
                                         threads: int) -> None:
-    pg_world.service.grant(Grant("u-42", Decimal("10.00"), "seed"))
+    pg_world.bus.handle(Grant("u-42", Decimal("10.00"), "seed"))
     gen_id = awaiting_selection(pg_world)
 
     def choose(i: int) -> Response:
@@ -125,7 +125,7 @@ def test_concurrent_selections_one_wins(client: TestClient, pg_world: World,
     assert all(code(r) == "invalid_state" for r in responses if r.status_code == 409)
     (winner,) = [r.json() for r in responses if r.status_code == 202]
 
-    gen = pg_world.service.get(gen_id)
+    gen = pg_world.queries.get(gen_id)
     assert gen["state"] == "processing_final"
     assert gen["selected_sample_id"] == winner["selected_sample_id"]
     assert gen["credits"] == {"held": "1.00", "charged": "0.25", "released": "0.00"}
@@ -142,7 +142,7 @@ def test_concurrent_selections_one_wins(client: TestClient, pg_world: World,
 
 def test_cancel_racing_selection_matches_a_serial_order(client: TestClient,
                                                         pg_world: World) -> None:
-    pg_world.service.grant(Grant("u-42", Decimal("20.00"), "seed"))
+    pg_world.bus.handle(Grant("u-42", Decimal("20.00"), "seed"))
     outcomes = set()
     for _round in range(4):
         gen_id = awaiting_selection(pg_world)
@@ -164,7 +164,7 @@ def test_cancel_racing_selection_matches_a_serial_order(client: TestClient,
         assert len(select_ok) <= 1
         assert all(code(r) == "invalid_state" for r in selects if r.status_code != 202)
 
-        gen = pg_world.service.get(gen_id)
+        gen = pg_world.queries.get(gen_id)
         assert gen["state"] == "cancelled"
         finals = [h for h in holds_of(pg_world, gen_id) if h.stage == "final"]
         final_jobs = [j for j in pg_world.jobs() if j["stage"] == "final"]
@@ -184,7 +184,7 @@ def test_cancel_racing_selection_matches_a_serial_order(client: TestClient,
 
 
 def test_same_key_selections_replay_the_winner(client: TestClient, pg_world: World) -> None:
-    pg_world.service.grant(Grant("u-42", Decimal("10.00"), "seed"))
+    pg_world.bus.handle(Grant("u-42", Decimal("10.00"), "seed"))
     gen_id = awaiting_selection(pg_world)
     responses = race(THREADS, lambda _i: client.post(
         f"{GENERATIONS}/{gen_id}/selection", json={"sample_id": "s3", "resolution": "high"},
@@ -200,7 +200,7 @@ def test_same_key_selections_replay_the_winner(client: TestClient, pg_world: Wor
 @pytest.mark.parametrize("balance", ["10.00", "0.25"])
 def test_same_idempotency_key_creates_one_generation(client: TestClient, pg_world: World,
                                                      balance: str) -> None:
-    pg_world.service.grant(Grant("u-42", Decimal(balance), "seed"))
+    pg_world.bus.handle(Grant("u-42", Decimal(balance), "seed"))
     responses = race(THREADS, lambda _i: post_start(client, idem="odoo-order-17"))
     assert [r.status_code for r in responses] == [202] * THREADS, [r.text for r in responses]
     bodies = [r.json() for r in responses]
@@ -213,7 +213,7 @@ def test_same_idempotency_key_creates_one_generation(client: TestClient, pg_worl
 
 
 def test_starts_beyond_the_balance_are_refused(client: TestClient, pg_world: World) -> None:
-    pg_world.service.grant(Grant("u-42", Decimal("0.75"), "seed"))
+    pg_world.bus.handle(Grant("u-42", Decimal("0.75"), "seed"))
     responses = race(THREADS, lambda _i: post_start(client))
     statuses = Counter(r.status_code for r in responses)
     assert statuses == {202: 3, 402: THREADS - 3}, [r.text for r in responses]
@@ -227,10 +227,10 @@ def test_starts_beyond_the_balance_are_refused(client: TestClient, pg_world: Wor
 
 
 def test_starts_racing_for_the_last_quota_round(client: TestClient, pg_world: World) -> None:
-    svc = pg_world.service
-    svc.grant(Grant("u-42", Decimal("50.00"), "seed"))
+    svc = pg_world
+    svc.bus.handle(Grant("u-42", Decimal("50.00"), "seed"))
     for i in range(99):
-        svc.start(StartGeneration(user_id="u-42", prompt=f"p{i}", format=FORMAT))
+        svc.bus.handle(StartGeneration(user_id="u-42", prompt=f"p{i}", format=FORMAT))
     pg_world.jobs()
     responses = race(THREADS, lambda _i: post_start(client))
     statuses = Counter(r.status_code for r in responses)
@@ -245,7 +245,7 @@ def test_concurrent_grants_to_a_new_account_all_count(client: TestClient,
         "/api/v1/accounts/u-new/grants", json={"amount": "1.25", "reason": f"g{i}"},
         headers={**SVC, "Idempotency-Key": f"grant-{i}"}))
     assert [r.status_code for r in responses] == [201] * THREADS, [r.text for r in responses]
-    assert pg_world.service.account("u-new") == {
+    assert pg_world.queries.account("u-new") == {
         "user_id": "u-new", "plan": "free", "balance": "10.00", "held": "0.00",
         "available": "10.00"}
 
@@ -256,26 +256,26 @@ def test_same_key_grants_credit_once(client: TestClient, pg_world: World) -> Non
         headers={**SVC, "Idempotency-Key": "grant-welcome"}))
     assert [r.status_code for r in responses] == [201] * THREADS, [r.text for r in responses]
     assert all(r.json() == responses[0].json() for r in responses)
-    assert pg_world.service.account("u-new")["balance"] == "5.00"
+    assert pg_world.queries.account("u-new")["balance"] == "5.00"
 
 
 # ------------------------------------------------------------------ duplicate results
 def test_duplicate_result_deliveries_apply_once(pg_world: World) -> None:
-    svc = pg_world.service
-    svc.grant(Grant("u-42", Decimal("10.00"), "seed"))
-    gen = svc.start(StartGeneration(user_id="u-42", prompt="p", format=FORMAT))
+    svc = pg_world
+    svc.bus.handle(Grant("u-42", Decimal("10.00"), "seed"))
+    gen = svc.bus.handle(StartGeneration(user_id="u-42", prompt="p", format=FORMAT))
     (job,) = pg_world.jobs()
     result = ApplyResult("AIGenerationSamplesReady", gen["id"], job["job_id"],
                          samples=samples(), event_id=str(uuid.uuid4()))
 
-    outcomes = race(THREADS, lambda _i: svc.apply_result(result))
+    outcomes = race(THREADS, lambda _i: svc.bus.handle(result))
     assert Counter(outcomes) == {"applied": 1, "duplicate": THREADS - 1}
 
-    view = svc.get(gen["id"])
+    view = svc.queries.get(gen["id"])
     assert view["state"] == "awaiting_selection" and len(view["samples"]) == 4
     assert view["credits"] == {"held": "0.00", "charged": "0.25", "released": "0.00"}
-    assert svc.account("u-42")["balance"] == "9.75"
-    assert svc.account("u-42")["held"] == "0.00"
+    assert svc.queries.account("u-42")["balance"] == "9.75"
+    assert svc.queries.account("u-42")["held"] == "0.00"
     events = history(pg_world, gen["id"])
     assert [e["trigger"] for e in events if e["kind"] == "transition"] == [
         "start", "samples_ready"]

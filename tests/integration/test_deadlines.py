@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
+from standins.n8n import Reply, ScriptedN8n, happy, wait_for
 from tests.integration.rabbit_fixtures import SERVICE, cents, ledger_report
-from tests.support.standin import Reply, ScriptedN8n, happy, wait_for
 
 pytestmark = pytest.mark.integration
 

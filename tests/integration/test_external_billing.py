@@ -25,10 +25,10 @@ from persistence.external_billing import (
     reap_pending_holds,
 )
 from persistence.tables import holds
-from saga.commands import ApplyResult, Cancel, SelectSample, StartGeneration
+from saga.commands import ApplyResult, Cancel, FireDeadlines, SelectSample, StartGeneration
 from saga.errors import BillingUnavailable, DomainError, InsufficientCredits
+from standins.billing import BillingStandIn
 from tests.conftest import FakeClock, World
-from tests.support.billing_standin import BillingStandIn
 
 pytestmark = pytest.mark.integration
 FORMAT = {"name": "instagram_post", "width": 1080, "height": 1080}
@@ -55,25 +55,25 @@ def samples() -> list[dict[str, Any]]:
 
 
 def start(world: World, user: str = "u-1") -> dict[str, Any]:
-    return world.service.start(StartGeneration(user_id=user, prompt="p", format=FORMAT))
+    return world.bus.handle(StartGeneration(user_id=user, prompt="p", format=FORMAT))
 
 
 def result(world: World, gid: str, kind: str, **kw: Any) -> str:
     (job,) = world.jobs()
     event = {"samples": "AIGenerationSamplesReady", "final": "AIGenerationFinalAssetReady",
              "failed": "AIGenerationFailed"}[kind]
-    return world.service.apply_result(ApplyResult(event, gid, job["job_id"], **kw))
+    return world.bus.handle(ApplyResult(event, gid, job["job_id"], **kw))
 
 
 def test_holds_commit_through_the_backend(ext_world: World, billing: BillingStandIn) -> None:
     billing.open_account("u-1", "free", "10.00")
     gen = start(ext_world)
     assert billing.status_counts() == {"open": 1}
-    assert ext_world.service.account("u-1") == {"user_id": "u-1", "plan": "free",
+    assert ext_world.queries.account("u-1") == {"user_id": "u-1", "plan": "free",
                                                 "balance": "10.00", "held": "0.25",
                                                 "available": "9.75"}
     assert result(ext_world, gen["id"], "samples", samples=samples()) == "applied"
-    ext_world.service.select(SelectSample(gen["id"], "s1", "standard"))
+    ext_world.bus.handle(SelectSample(gen["id"], "s1", "standard"))
     assert result(ext_world, gen["id"], "final", asset={"url": "u", "width": 2048,
                                                         "height": 2048}) == "applied"
     assert billing.status_counts() == {"committed": 2}
@@ -102,30 +102,30 @@ def test_backend_down_at_start_refuses_and_leaves_nothing(
 
 def test_release_waits_in_compensating_until_the_backend_answers(
         ext_world: World, billing: BillingStandIn) -> None:
-    svc, clock = ext_world.service, ext_world.clock
+    svc, clock = ext_world, ext_world.clock
     billing.open_account("u-1", "free", "10.00")
     gen = start(ext_world)
     billing.down = True
     outcome = result(ext_world, gen["id"], "failed",
                      error={"code": "bad_prompt", "message": "no", "retryable": False})
     assert outcome == "applied"
-    stuck = svc.get(gen["id"])
+    stuck = svc.queries.get(gen["id"])
     assert stuck["state"] == "compensating" and stuck["credits"]["held"] == "0.25"
     # No failure notification yet: the user hears about it once the hold is released.
     assert [n["type"] for n in ext_world.published("creativeflow.notifications")] == []
 
     clock.advance(2)
-    assert svc.fire_due() == 1  # retried, still down
-    assert svc.get(gen["id"])["state"] == "compensating"
+    assert svc.bus.handle(FireDeadlines()) == 1  # retried, still down
+    assert svc.queries.get(gen["id"])["state"] == "compensating"
     billing.down = False
     clock.advance(5)
-    assert svc.fire_due() == 1
-    done = svc.get(gen["id"])
+    assert svc.bus.handle(FireDeadlines()) == 1
+    done = svc.queries.get(gen["id"])
     assert done["state"] == "failed" and done["error"]["code"] == "bad_prompt"
     assert done["credits"] == {"held": "0.00", "charged": "0.00", "released": "0.25"}
     assert billing.status_counts() == {"released": 1} and billing.violations == []
     assert [n["type"] for n in ext_world.published("creativeflow.notifications")] == ["failed"]
-    events = svc.history(gen["id"])["events"]
+    events = svc.queries.history(gen["id"])["events"]
     path = [(e["from_state"], e["to_state"]) for e in events if e["kind"] == "transition"]
     assert path == [("requested", "processing_samples"),
                     ("processing_samples", "compensating"), ("compensating", "failed")]
@@ -136,20 +136,20 @@ def test_release_waits_in_compensating_until_the_backend_answers(
 
 def test_cancel_while_compensating_a_final_failure_lands_in_cancelled(
         ext_world: World, billing: BillingStandIn) -> None:
-    svc, clock = ext_world.service, ext_world.clock
+    svc, clock = ext_world, ext_world.clock
     billing.open_account("u-1", "free", "10.00")
     gen = start(ext_world)
     result(ext_world, gen["id"], "samples", samples=samples())
-    svc.select(SelectSample(gen["id"], "s2", "high"))
+    svc.bus.handle(SelectSample(gen["id"], "s2", "high"))
     billing.down = True
     clock.advance(601)  # the final's deadline passes while billing is down
-    svc.fire_due()
-    assert svc.get(gen["id"])["state"] == "compensating"
-    assert svc.cancel(Cancel(gen["id"]))["state"] == "compensating"
+    svc.bus.handle(FireDeadlines())
+    assert svc.queries.get(gen["id"])["state"] == "compensating"
+    assert svc.bus.handle(Cancel(gen["id"]))["state"] == "compensating"
     billing.down = False
     clock.advance(5)
-    svc.fire_due()
-    done = svc.get(gen["id"])
+    svc.bus.handle(FireDeadlines())
+    done = svc.queries.get(gen["id"])
     assert done["state"] == "cancelled"
     assert done["credits"] == {"held": "0.00", "charged": "0.25", "released": "2.00"}
     assert billing.status_counts() == {"committed": 1, "released": 1}
@@ -160,10 +160,10 @@ def test_cancel_of_a_compensating_samples_failure_is_refused(
     billing.open_account("u-1", "free", "10.00")
     gen = start(ext_world)
     billing.down = True
-    ext_world.service.cancel(Cancel(gen["id"]))
-    assert ext_world.service.get(gen["id"])["state"] == "compensating"
+    ext_world.bus.handle(Cancel(gen["id"]))
+    assert ext_world.queries.get(gen["id"])["state"] == "compensating"
     with pytest.raises(DomainError) as refused:
-        ext_world.service.cancel(Cancel(gen["id"]))
+        ext_world.bus.handle(Cancel(gen["id"]))
     assert refused.value.code == "invalid_state"
 
 
@@ -172,7 +172,7 @@ def redeliver(svc: Any, cmd: ApplyResult) -> str:
     broker and comes again until it is applied or refused."""
     for _ in range(50):
         try:
-            return str(svc.apply_result(cmd))
+            return str(svc.bus.handle(cmd))
         except BillingUnavailable:
             continue
     raise AssertionError("the backend never answered")
@@ -181,7 +181,7 @@ def redeliver(svc: Any, cmd: ApplyResult) -> str:
 def test_flaky_slow_backend_still_settles_every_hold_exactly_once(
         ext_world: World, billing: BillingStandIn) -> None:
     """Random 500s (before and after the work) and slow answers over many generations."""
-    svc, clock = ext_world.service, ext_world.clock
+    svc, clock = ext_world, ext_world.clock
     rng = random.Random(3)
     for u in range(5):
         billing.open_account(f"u-{u}", "free", "1000.00")
@@ -206,18 +206,18 @@ def test_flaky_slow_backend_still_settles_every_hold_exactly_once(
                                   asset={"url": "u", "width": 1, "height": 1})
             redeliver(svc, cmd)
         for gid in live:
-            if svc.get(gid)["state"] == "awaiting_selection" and rng.random() < 0.7:
+            if svc.queries.get(gid)["state"] == "awaiting_selection" and rng.random() < 0.7:
                 with contextlib.suppress(BillingUnavailable, DomainError):
-                    svc.select(SelectSample(gid, "s1", rng.choice(["standard", "high"])))
+                    svc.bus.handle(SelectSample(gid, "s1", rng.choice(["standard", "high"])))
         clock.advance(rng.choice([1, 5, 130, 700]))
-        svc.fire_due()
+        svc.bus.handle(FireDeadlines())
     billing.error_rate = billing.slow_rate = 0.0
     clock.advance(timedelta(days=2).total_seconds())
-    while svc.fire_due():
+    while svc.bus.handle(FireDeadlines()):
         clock.advance(120)
     ext_world.jobs()
     clock.advance(timedelta(days=2).total_seconds())
-    while svc.fire_due():
+    while svc.bus.handle(FireDeadlines()):
         clock.advance(120)
 
     # Reservations whose rollback could not reach the backend were left pending: the
@@ -236,7 +236,7 @@ def test_flaky_slow_backend_still_settles_every_hold_exactly_once(
     settled = [h for h, status in billing.transitions if status != "open"]
     assert len(settled) == len(set(settled)) == len(billing.holds)
     for gid in live:
-        assert svc.get(gid)["state"] in ("failed", "timed_out", "expired", "completed",
+        assert svc.queries.get(gid)["state"] in ("failed", "timed_out", "expired", "completed",
                                          "cancelled")
 
 

@@ -1,4 +1,8 @@
-"""End to end through the real RabbitMQ and PostgreSQL, with a scripted n8n (contract §4)."""
+"""End to end through the real RabbitMQ and PostgreSQL, with a scripted n8n (contract §4).
+
+Over 300 lines: each test needs the whole running service, and they share its fixtures; the
+file is a list of independent end-to-end scenarios, read one at a time.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ import pytest
 from sqlalchemy import func, select
 
 from persistence.tables import generations, holds, inbox
+from standins.n8n import Collector, Reply, ScriptedN8n, happy, publish_raw, wait_for
 from tests.integration.rabbit_fixtures import (
     SERVICE,
     Running,
@@ -19,7 +24,6 @@ from tests.integration.rabbit_fixtures import (
     ledger_report,
     spawn_serve,
 )
-from tests.support.standin import Collector, Reply, ScriptedN8n, happy, publish_raw, wait_for
 
 pytestmark = pytest.mark.integration
 

@@ -14,7 +14,8 @@ from fastapi.testclient import TestClient
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from api.app import ApiDeps, _decode_cursor, create_app
+from api.app import ApiDeps, create_app
+from api.routes.generations import decode_cursor as _decode_cursor
 from saga.input_policy import (
     JSON_MAX_DEPTH,
     InvalidAmount,
@@ -47,7 +48,7 @@ def _b64(raw: str) -> str:
 # ------------------------------------------------------------------ list cursor
 @pytest.fixture
 def client(world: World) -> Iterator[TestClient]:
-    app = create_app(ApiDeps(service=world.service, api_keys={"sup-key": "support"}))
+    app = create_app(ApiDeps(bus=world.bus, queries=world.queries, api_keys={"sup-key": "support"}))
     with TestClient(app, raise_server_exceptions=False) as test_client:
         yield test_client
 

@@ -4,11 +4,15 @@ Every state in ``STATES`` is crossed with every trigger in ``TRIGGERS`` and fire
 :func:`saga.machine.fire` on a realistic saga. The expected outcome of each allowed pair —
 destination, intents and credits — is written out in :data:`EXPECTED`, so a changed transition
 table, a missing callback or a wrong credit step fails here.
+
+Longer than 300 lines because the saga builders, :data:`EXPECTED` and the tests that read it
+are one table; the guard, compensation and pricing tests below reuse the same builders.
 """
 
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -16,10 +20,13 @@ from typing import Any
 import pytest
 
 from saga import intents as it
+from saga import triggers as tg
 from saga.errors import InvalidState, UnknownSample
-from saga.machine import STATES, TERMINAL, TRIGGERS, allowed_triggers, fire
+from saga.machine import STATES, TRIGGERS, allowed_triggers, fire
+from saga.model import TERMINAL_STATES as TERMINAL
 from saga.model import Generation, SagaConfig
 from saga.pricing import PLANS, PriceBook, final_output
+from saga.values import Compensation, Hold, SagaError
 
 CFG = SagaConfig()
 T0 = datetime(2026, 11, 2, 12, 0, tzinfo=UTC)
@@ -29,8 +36,8 @@ SAMPLES = [{"sample_id": f"s{i}", "url": f"s3://creativeflow-assets/u/s{i}.png",
             "width": 512, "height": 512} for i in range(1, 5)]
 ASSET = {"url": "s3://creativeflow-assets/u/final.png", "width": 2048, "height": 2048,
          "format": "png"}
-SAMPLE_HOLD = {"hold_id": "hold-s1", "stage": "samples", "amount": "0.25"}
-FINAL_HOLD = {"hold_id": "hold-f1", "stage": "final", "amount": "1.00"}
+SAMPLE_HOLD = Hold("hold-s1", "samples", Decimal("0.25"))
+FINAL_HOLD = Hold("hold-f1", "final", Decimal("1.00"))
 FATAL = {"code": "model_unavailable", "message": "gpu on fire", "retryable": False}
 RETRYABLE = {"code": "model_unavailable", "message": "try later", "retryable": True}
 
@@ -41,7 +48,7 @@ D = Decimal
 # ------------------------------------------------------------------ sagas in every state
 def _processing_samples(g: Generation) -> None:
     g.stage, g.attempt, g.job_id, g.round = "samples", 1, "job-s1", 1
-    g.hold, g.held = dict(SAMPLE_HOLD), D("0.25")
+    g.hold, g.held = SAMPLE_HOLD, D("0.25")
     g.due_at, g.due_kind = NOW + timedelta(seconds=60), "stage"
 
 
@@ -54,7 +61,7 @@ def _processing_final(g: Generation) -> None:
     _awaiting_selection(g)
     g.selected_sample_id, g.resolution = "s2", "standard"
     g.stage, g.attempt, g.job_id = "final", 1, "job-f1"
-    g.hold, g.held = dict(FINAL_HOLD), D("1.00")
+    g.hold, g.held = FINAL_HOLD, D("1.00")
     g.due_at, g.due_kind = NOW + timedelta(seconds=300), "stage"
 
 
@@ -87,15 +94,15 @@ def saga_in(state: str, *, due: bool = False, retry_pending: bool = False,
         trigger, setup = COMPENSATIONS[target]
         setup(g)
         g.job_id, g.due_kind = None, "compensate"
-        g.compensation = {"target": target, "trigger": trigger,
-                          "error": FATAL if trigger == "result_failed" else None, "tries": 1}
+        g.compensation = Compensation(target, trigger,
+                                      FATAL if trigger == "result_failed" else None, 1)
     elif state == "completed":
         _awaiting_selection(g)
         g.selected_sample_id, g.resolution, g.stage = "s2", "standard", "final"
         g.final_asset, g.charged, g.due_at, g.due_kind = dict(ASSET), D("1.25"), None, None
     elif state in ("failed", "timed_out", "cancelled"):
         g.stage, g.attempt, g.round, g.released = "samples", 1, 1, D("0.25")
-        g.error = {"code": state, "message": "x", "retryable": False}
+        g.error = SagaError(state, "x", False)
     elif state == "expired":
         _awaiting_selection(g)
         g.due_at, g.due_kind = None, None
@@ -115,34 +122,42 @@ BILLING_TARGET = {"processing_samples": ("failed", "result_failed"),
                   "awaiting_selection": ("cancelled", "cancel")}
 
 
-def kwargs_for(trigger: str, state: str = "", **overrides: Any) -> dict[str, Any]:
-    """The keyword arguments SagaService passes for ``trigger`` (see saga/handlers.py)."""
-    kw: dict[str, Any] = {"now": NOW, "config": CFG, "actor": "system"}
-    if trigger == "start":
-        kw.update(actor="odoo", price=D("0.25"))
-    elif trigger == "select":
-        kw.update(actor="odoo", price=D("1.00"), sample_id="s3", resolution="standard",
-                  detail={"sample_id": "s3", "resolution": "standard"})
-    elif trigger == "regenerate":
-        kw.update(actor="odoo", price=D("0.25"), prompt=None, detail={"new_prompt": False})
-    elif trigger == "cancel":
-        kw.update(actor="odoo", detail={})
-    elif trigger == "samples_ready":
-        kw.update(actor="n8n", samples=copy.deepcopy(SAMPLES), detail={"job_id": "job-s1"})
-    elif trigger == "final_ready":
-        kw.update(actor="n8n", asset=dict(ASSET), detail={"job_id": "job-f1"})
-    elif trigger == "result_failed":
-        kw.update(actor="n8n", error=dict(FATAL), detail={"error": FATAL})
-    elif trigger in ("timeout", "redispatch"):
-        kw.update(actor="timer")
-    elif trigger == "compensated":
-        kw.update(actor="timer", error=dict(FATAL))
-    elif trigger == "billing_unavailable":
-        target, original = BILLING_TARGET.get(state, ("cancelled", "cancel"))
-        kw.update(target=target, original_trigger=original, error=None,
-                  detail={"reason": "billing backend unavailable", "target": target})
-    kw.update(overrides)
-    return kw
+# Who fires each trigger in the handlers; the payload types say what each one carries.
+ACTORS: dict[str, it.Actor] = {
+    "start": "odoo", "select": "odoo", "regenerate": "odoo", "cancel": "odoo",
+    "samples_ready": "n8n", "final_ready": "n8n", "result_failed": "n8n",
+    "timeout": "timer", "redispatch": "timer", "compensated": "timer",
+    "billing_unavailable": "system",
+}
+
+
+def example(trigger: str, state: str = "", **fields: Any) -> tg.Trigger:
+    """A realistic payload for ``trigger`` (fired on a saga in ``state``)."""
+    target, original = BILLING_TARGET.get(state, ("cancelled", "cancel"))
+    payloads: dict[str, tg.Trigger] = {
+        "start": tg.Start(price=D("0.25")),
+        "select": tg.Select(price=D("1.00"), sample_id="s3", resolution="standard",
+                            detail={"sample_id": "s3", "resolution": "standard"}),
+        "regenerate": tg.Regenerate(price=D("0.25"), prompt=None,
+                                    detail={"new_prompt": False}),
+        "cancel": tg.Cancel(),
+        "samples_ready": tg.SamplesReady(samples=copy.deepcopy(SAMPLES),
+                                         detail={"job_id": "job-s1"}),
+        "final_ready": tg.FinalReady(asset=dict(ASSET), detail={"job_id": "job-f1"}),
+        "result_failed": tg.ResultFailed(error=dict(FATAL), detail={"error": FATAL}),
+        "timeout": tg.Timeout(),
+        "redispatch": tg.Redispatch(),
+        "compensated": tg.Compensated(error=dict(FATAL)),
+        "billing_unavailable": tg.BillingUnavailable(
+            target=target, original_trigger=original, error=None,
+            detail={"reason": "billing backend unavailable", "target": target}),
+    }
+    return replace(payloads[trigger], **fields)
+
+
+def fire_(saga: Generation, payload: tg.Trigger, *, now: datetime = NOW,
+          config: SagaConfig = CFG) -> bool:
+    return fire(saga, payload, now=now, actor=ACTORS[payload.name], config=config)
 
 
 def prepared(state: str, trigger: str) -> Generation:
@@ -275,9 +290,9 @@ def test_allowed_transition(state: str, trigger: str) -> None:
     """Each allowed pair lands in the contract's state with the right intents and credits."""
     saga = prepared(state, trigger)
     old_job, old_hold = saga.job_id, copy.deepcopy(saga.hold)
-    kwargs = kwargs_for(trigger, state)
+    payload = example(trigger, state)
 
-    assert fire(saga, trigger, **kwargs) is True
+    assert fire_(saga, payload) is True
 
     dest, intents, expected_credits = EXPECTED[state, trigger]
     assert saga.state == dest
@@ -287,15 +302,14 @@ def test_allowed_transition(state: str, trigger: str) -> None:
 
     transition = saga.pending[0]
     assert isinstance(transition, it.HistoryEntry)
-    assert transition.actor == kwargs["actor"]
-    for key, value in kwargs.get("detail", {}).items():
+    assert transition.actor == ACTORS[trigger]
+    for key, value in payload.detail.items():
         assert transition.detail[key] == value
 
     reserves = [i for i in saga.pending if isinstance(i, it.Reserve)]
     if reserves:  # the new hold is the saga's open hold, a fresh id
         (reserve,) = reserves
-        assert saga.hold == {"hold_id": reserve.hold_id, "stage": reserve.stage,
-                             "amount": str(reserve.amount)}
+        assert saga.hold == Hold(reserve.hold_id, reserve.stage, reserve.amount)
         assert reserve.hold_id not in ("hold-s1", "hold-f1")
     elif any(isinstance(i, it.Commit | it.Release) for i in saga.pending):
         assert saga.hold is None  # settled exactly once: nothing left to settle again
@@ -324,7 +338,7 @@ def test_disallowed_transition_raises_and_changes_nothing(state: str, trigger: s
     saga = prepared(state, trigger)
     before = copy.deepcopy(vars(saga))
     with pytest.raises(InvalidState) as err:
-        fire(saga, trigger, **kwargs_for(trigger, state))
+        fire_(saga, example(trigger, state))
     assert err.value.code == "invalid_state"
     assert vars(saga) == before
 
@@ -335,17 +349,17 @@ def test_select_of_an_undelivered_sample_raises_unknown_sample() -> None:
     saga = saga_in(AS)
     before = copy.deepcopy(vars(saga))
     with pytest.raises(UnknownSample):
-        fire(saga, "select", **kwargs_for("select", sample_id="s9"))
+        fire_(saga, example("select", sample_id="s9"))
     assert vars(saga) == before
 
 
 def test_select_records_sample_and_resolution_for_the_final_job() -> None:
     saga = saga_in(AS)
-    fire(saga, "select", **kwargs_for("select", sample_id="s4", resolution="high",
+    fire_(saga, example("select", sample_id="s4", resolution="high",
                                       price=D("2.00")))
     assert (saga.selected_sample_id, saga.resolution) == ("s4", "high")
     assert saga.final_output() == {"width": 4096, "height": 4096, "format": "png"}
-    assert saga.hold is not None and saga.hold["amount"] == "2.00"
+    assert saga.hold is not None and saga.hold.amount == D("2.00")
 
 
 @pytest.mark.parametrize(("attempt", "delay_s"), [(1, 1), (2, 2), (3, 4), (4, 8), (6, 30)])
@@ -359,8 +373,7 @@ def test_retryable_failure_with_attempts_left_schedules_a_retry(state: str, atte
     saga.attempt = attempt
     hold, credits_before = copy.deepcopy(saga.hold), saga.credits()
 
-    assert fire(saga, "result_failed", **kwargs_for("result_failed", config=cfg,
-                                                    error=dict(RETRYABLE))) is True
+    assert fire_(saga, example("result_failed", error=dict(RETRYABLE)), config=cfg) is True
 
     assert saga.state == state and saga.attempt == attempt
     assert saga.job_id is None
@@ -386,7 +399,7 @@ def test_failure_that_may_not_retry_ends_the_stage(state: str, dest: str, notify
         saga.attempt, error = CFG.max_attempts, dict(RETRYABLE)
     else:
         saga.attempt, error = 1, dict(FATAL)
-    assert fire(saga, "result_failed", **kwargs_for("result_failed", error=error)) is True
+    assert fire_(saga, example("result_failed", error=error)) is True
     assert saga.state == dest
     assert [describe(i) for i in saga.pending] == [
         tr("result_failed", state, dest), release, ("notify", notify), sc(state, dest)]
@@ -395,9 +408,9 @@ def test_failure_that_may_not_retry_ends_the_stage(state: str, dest: str, notify
 
 def test_samples_failure_keeps_user_facing_error_free_of_internals() -> None:
     saga = saga_in(PS)
-    fire(saga, "result_failed", **kwargs_for("result_failed"))
-    assert saga.error is not None and saga.error["code"] == "model_unavailable"
-    assert "gpu on fire" not in saga.error["message"]
+    fire_(saga, example("result_failed"))
+    assert saga.error is not None and saga.error.code == "model_unavailable"
+    assert "gpu on fire" not in saga.error.message
 
 
 @pytest.mark.parametrize(("trigger", "code"),
@@ -406,30 +419,30 @@ def test_final_stage_failure_returns_to_selection(trigger: str, code: str) -> No
     """A final failure or timeout releases the final hold, records error.code, and opens a
     fresh selection window; the sample round stays charged and the samples stay."""
     saga = saga_in(PF, due=trigger == "timeout")
-    assert fire(saga, trigger, **kwargs_for(trigger)) is True
+    assert fire_(saga, example(trigger)) is True
     assert saga.state == AS
-    assert saga.error is not None and saga.error["code"] == code
+    assert saga.error is not None and saga.error.code == code
     assert (saga.due_at, saga.due_kind) == (NOW + CFG.selection_window, "selection")
     assert saga.hold is None and saga.job_id is None
     assert saga.credits() == credits("0.00", "0.25", "1.00")
     assert saga.samples == SAMPLES and saga.selected_sample_id is None
     assert REL_F in [describe(i) for i in saga.pending]
     # and the user may choose again
-    assert fire(saga, "select", **kwargs_for("select", sample_id="s1")) is True
+    assert fire_(saga, example("select", sample_id="s1")) is True
     assert saga.state == PF and saga.error is None and saga.attempt == 1
 
 
 def test_samples_timeout_ends_in_timed_out_and_releases() -> None:
     saga = saga_in(PS, due=True)
-    assert fire(saga, "timeout", **kwargs_for("timeout")) is True
+    assert fire_(saga, example("timeout")) is True
     assert saga.state == "timed_out"
-    assert saga.error is not None and saga.error["code"] == "timed_out"
+    assert saga.error is not None and saga.error.code == "timed_out"
     assert saga.credits() == credits("0.00", "0.00", "0.25")
 
 
 def test_selection_window_ends_in_expired() -> None:
     saga = saga_in(AS, due=True)
-    assert fire(saga, "timeout", **kwargs_for("timeout")) is True
+    assert fire_(saga, example("timeout")) is True
     assert saga.state == "expired" and saga.due_at is None
     assert saga.credits() == credits("0.00", "0.25", "0.00")
 
@@ -440,7 +453,7 @@ def test_timeout_before_due_is_refused_by_the_guard(state: str) -> None:
     saga = saga_in(state)
     assert saga.due_at is not None and saga.due_at > NOW
     before = copy.deepcopy(vars(saga))
-    assert fire(saga, "timeout", **kwargs_for("timeout")) is False
+    assert fire_(saga, example("timeout")) is False
     assert vars(saga) == before
 
 
@@ -449,7 +462,7 @@ def test_pending_retry_is_not_a_deadline(state: str) -> None:
     """A passed retry time fires redispatch, never timeout."""
     saga = saga_in(state, retry_pending=True, due=True)
     before = copy.deepcopy(vars(saga))
-    assert fire(saga, "timeout", **kwargs_for("timeout")) is False
+    assert fire_(saga, example("timeout")) is False
     assert vars(saga) == before
 
 
@@ -459,7 +472,7 @@ def test_redispatch_needs_a_due_retry(state: str, case: str) -> None:
     saga = (saga_in(state, retry_pending=True) if case == "retry_not_due"
             else saga_in(state, due=True))
     before = copy.deepcopy(vars(saga))
-    assert fire(saga, "redispatch", **kwargs_for("redispatch")) is False
+    assert fire_(saga, example("redispatch")) is False
     assert vars(saga) == before
 
 
@@ -468,10 +481,10 @@ def test_redispatch_sends_a_new_job_with_a_fresh_deadline(state: str) -> None:
     """Redispatch: new job_id, attempt+1, a stage deadline of its own, the same hold."""
     saga = saga_in(state)
     first_job, hold = saga.job_id, copy.deepcopy(saga.hold)
-    fire(saga, "result_failed", **kwargs_for("result_failed", error=dict(RETRYABLE)))
+    fire_(saga, example("result_failed", error=dict(RETRYABLE)))
     saga.take_pending()
     later = NOW + timedelta(seconds=5)
-    assert fire(saga, "redispatch", **kwargs_for("redispatch", now=later)) is True
+    assert fire_(saga, example("redispatch"), now=later) is True
     assert saga.state == state and saga.attempt == 2
     assert saga.job_id not in (None, first_job)
     deadline = CFG.samples_deadline if state == PS else CFG.final_deadline
@@ -491,7 +504,7 @@ def test_zero_price_is_waived_without_a_hold(state: str, trigger: str,
     """A stage costing 0.00 on the plan creates no hold: a Waive intent, no Reserve."""
     saga = saga_in(state)
     held_before = saga.held
-    assert fire(saga, trigger, **kwargs_for(trigger, price=D("0.00"), **kwargs)) is True
+    assert fire_(saga, example(trigger, price=D("0.00"), **kwargs)) is True
     kinds = [describe(i)[0] for i in saga.pending]
     assert "reserve" not in kinds and "waive" in kinds
     assert saga.hold is None and saga.held == held_before
@@ -500,9 +513,9 @@ def test_zero_price_is_waived_without_a_hold(state: str, trigger: str,
 
 def test_waived_stage_settles_nothing() -> None:
     saga = saga_in(AS)
-    fire(saga, "select", **kwargs_for("select", price=D("0.00")))
+    fire_(saga, example("select", price=D("0.00")))
     saga.take_pending()
-    fire(saga, "final_ready", **kwargs_for("final_ready"))
+    fire_(saga, example("final_ready"))
     assert not any(isinstance(i, it.Commit | it.Release) for i in saga.pending)
     assert saga.credits() == credits("0.00", "0.25", "0.00")
 
@@ -517,7 +530,7 @@ def test_waived_stage_settles_nothing() -> None:
 def test_compensation_finishes_where_it_was_headed(target: str, notify: str,
                                                    release: tuple[str, ...]) -> None:
     saga = saga_in(CO, due=True, target=target)
-    assert fire(saga, "compensated", **kwargs_for("compensated")) is True
+    assert fire_(saga, example("compensated")) is True
     assert saga.state == target and saga.compensation is None
     assert [describe(i) for i in saga.pending] == [
         tr("compensated", CO, target), release, ("notify", notify), sc(CO, target)]
@@ -528,27 +541,27 @@ def test_compensation_finishes_where_it_was_headed(target: str, notify: str,
 def test_cancel_while_compensating_to_an_end_is_refused(target: str) -> None:
     saga = saga_in(CO, target=target)
     before = copy.deepcopy(vars(saga))
-    assert fire(saga, "cancel", **kwargs_for("cancel")) is False
+    assert fire_(saga, example("cancel")) is False
     assert vars(saga) == before
 
 
 def test_cancel_while_compensating_retargets_to_cancelled() -> None:
     saga = saga_in(CO, due=True)
-    fire(saga, "cancel", **kwargs_for("cancel"))
-    assert saga.compensation is not None and saga.compensation["target"] == "cancelled"
+    fire_(saga, example("cancel"))
+    assert saga.compensation is not None and saga.compensation.target == "cancelled"
     saga.take_pending()
-    assert fire(saga, "compensated", **kwargs_for("compensated")) is True
+    assert fire_(saga, example("compensated")) is True
     assert saga.state == "cancelled"
     assert [describe(i) for i in saga.pending][1:3] == [REL_F, ("notify", "cancelled")]
 
 
 def test_billing_unavailable_keeps_the_hold_and_waits() -> None:
     saga = saga_in(PS)
-    fire(saga, "billing_unavailable", **kwargs_for("billing_unavailable", PS))
+    fire_(saga, example("billing_unavailable", PS))
     assert saga.hold == SAMPLE_HOLD and saga.job_id is None
     assert saga.due_kind == "compensate" and saga.due_at == NOW + CFG.compensation_delay(1)
-    assert saga.compensation == {"target": "failed", "trigger": "result_failed",
-                                 "error": None, "tries": 1}
+    assert saga.compensation == Compensation(target="failed", trigger="result_failed",
+                                             error=None, tries=1)
 
 
 # ------------------------------------------------------------------ pricing
@@ -588,3 +601,17 @@ def test_final_output_scales_the_longest_side(size: tuple[int, int], resolution:
     saga.format = {"name": "custom", "width": size[0], "height": size[1]}
     saga.resolution = resolution
     assert saga.final_output() == {"width": expected[0], "height": expected[1], "format": "png"}
+
+
+# ------------------------------------------------------------------ value types
+def test_value_types_keep_the_persisted_json_shape() -> None:
+    """Hold, Compensation and SagaError read back what they write, in the stored shape."""
+    hold = Hold("h-1", "final", D("2.00"))
+    assert hold.to_json() == {"hold_id": "h-1", "stage": "final", "amount": "2.00"}
+    assert Hold.from_json(hold.to_json()) == hold
+    comp = Compensation("failed", "result_failed", dict(FATAL), 3)
+    assert comp.to_json() == {"target": "failed", "trigger": "result_failed",
+                              "error": FATAL, "tries": 3}
+    assert Compensation.from_json(comp.to_json()) == comp
+    error = SagaError("timed_out", "took too long", True)
+    assert SagaError.from_json(error.to_json()) == error

@@ -5,6 +5,9 @@ several plans, selects, regenerates, cancels, delivers results for current and s
 redelivers earlier results and moves the clock. After every step the ledger tables are
 checked directly: each hold is settled at most once, accounts never go negative, the journal
 sums to the balances, charges match the price book and each saga's credits match its holds.
+
+One hypothesis state machine (rules and invariants share its state), hence one file over 300
+lines.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from persistence.tables import accounts, generations, holds, journal
 from saga.commands import (
     ApplyResult,
     Cancel,
+    FireDeadlines,
     Grant,
     Regenerate,
     SelectSample,
@@ -95,14 +99,14 @@ class SagaLedgerMachine(RuleBasedStateMachine):
         migrate(url)
         self.engine = make_engine(url, pool_size=2)
         self.world = World(self.engine, FakeClock(), config=CONFIG)
-        self.svc = self.world.service
+        self.svc = self.world
         self.gens: list[str] = []
         self.jobs: dict[str, list[str]] = defaultdict(list)  # dispatched job ids, in order
         self.delivered: list[ApplyResult] = []
         for user, plan in USERS.items():
-            self.svc.set_plan(SetPlan(user, plan))
+            self.svc.bus.handle(SetPlan(user, plan))
             if Decimal(OPENING_BALANCE[user]) > 0:
-                self.svc.grant(Grant(user, Decimal(OPENING_BALANCE[user]), "opening"))
+                self.svc.bus.handle(Grant(user, Decimal(OPENING_BALANCE[user]), "opening"))
         # Every example starts with sagas in each live state, so random steps go deep.
         self.start("free-a")
         self.happy_step(0, "standard")  # -> awaiting_selection
@@ -146,8 +150,8 @@ class SagaLedgerMachine(RuleBasedStateMachine):
         self.collect_jobs()
 
     def deliver(self, cmd: ApplyResult, *, redelivery: bool) -> None:
-        before = self.svc.get(cmd.generation_id)
-        outcome = self.svc.apply_result(cmd)
+        before = self.svc.queries.get(cmd.generation_id)
+        outcome = self.svc.bus.handle(cmd)
         self.delivered.append(cmd)
         self.collect_jobs()
         assert outcome == "applied" or outcome in REFUSALS, outcome
@@ -155,20 +159,20 @@ class SagaLedgerMachine(RuleBasedStateMachine):
             # the dedup key (job_id, event_type) was seen before: never applied twice
             assert outcome == "duplicate"
         if outcome != "applied" or cmd.event_type == "AIGenerationProgress":
-            assert self.svc.get(cmd.generation_id) == before, "a refused result changed it"
+            assert self.svc.queries.get(cmd.generation_id) == before, "a refused result changed it"
         if outcome == "applied" and cmd.event_type != "AIGenerationProgress":
             assert cmd.job_id == self.jobs[cmd.generation_id][-1]
 
     # -------------------------------------------------------------- rules
     @rule(user=st.sampled_from(list(USERS)), amount=st.sampled_from(["0.25", "1.00", "3.50"]))
     def grant(self, user: str, amount: str) -> None:
-        self.svc.grant(Grant(user, Decimal(amount), "top-up"))
+        self.svc.bus.handle(Grant(user, Decimal(amount), "top-up"))
 
     @precondition(lambda self: len(self.gens) < MAX_GENERATIONS)
     @rule(user=st.sampled_from(list(USERS)))
     def start(self, user: str) -> None:
         try:
-            view = self.svc.start(StartGeneration(user_id=user, prompt="p", format=FORMAT))
+            view = self.svc.bus.handle(StartGeneration(user_id=user, prompt="p", format=FORMAT))
         except DOMAIN_ERRORS:
             self.collect_jobs()
             return
@@ -187,12 +191,12 @@ class SagaLedgerMachine(RuleBasedStateMachine):
         One rule for the three keeps cancel from ending most sagas early."""
         if command == "select":
             gen_id = self.pick(index, "awaiting_selection")
-            self.steer(self.svc.select, SelectSample(gen_id, sample, resolution))
+            self.steer(self.svc.bus.handle, SelectSample(gen_id, sample, resolution))
         elif command == "regenerate":
             gen_id = self.pick(index, "awaiting_selection")
-            self.steer(self.svc.regenerate, Regenerate(gen_id, "again" if new_prompt else None))
+            self.steer(self.svc.bus.handle, Regenerate(gen_id, "again" if new_prompt else None))
         else:
-            self.steer(self.svc.cancel, Cancel(self.pick(index)))
+            self.steer(self.svc.bus.handle, Cancel(self.pick(index)))
 
     @precondition(lambda self: self.gens)
     @rule(index=st.integers(0, 50), resolution=st.sampled_from(["standard", "high"]))
@@ -203,7 +207,7 @@ class SagaLedgerMachine(RuleBasedStateMachine):
                            "awaiting_selection")
         state = self.states()[gen_id]
         if state == "awaiting_selection":
-            self.steer(self.svc.select, SelectSample(gen_id, "s1", resolution))
+            self.steer(self.svc.bus.handle, SelectSample(gen_id, "s1", resolution))
             return
         kind = "final_ready" if state == "processing_final" else "samples_ready"
         self.deliver(make_result(kind, gen_id, self.jobs[gen_id][-1], 4), redelivery=False)
@@ -227,7 +231,7 @@ class SagaLedgerMachine(RuleBasedStateMachine):
     def flaky_job(self, index: int) -> None:
         """n8n reports a retryable failure for the current job and the backoff passes."""
         gen_id = self.pick(index, "processing_samples", "processing_final")
-        attempt = self.svc.get(gen_id)["attempt"]
+        attempt = self.svc.queries.get(gen_id)["attempt"]
         self.deliver(make_result("failed_retryable", gen_id, self.jobs[gen_id][-1], 4),
                      redelivery=False)
         self.tick(CONFIG.retry_delay(max(attempt, 1)).total_seconds())
@@ -240,9 +244,9 @@ class SagaLedgerMachine(RuleBasedStateMachine):
     @rule(seconds=st.sampled_from([0.5, 1, 2, 4, 30, 121, 601, 86_401]))
     def tick(self, seconds: float) -> None:
         self.world.clock.advance(seconds)
-        fired = self.svc.fire_due()
+        fired = self.svc.bus.handle(FireDeadlines())
         assert fired < 200, "fire_due kept firing: a due saga that never stops being due"
-        assert self.svc.fire_due() == 0, "a deadline fired twice"
+        assert self.svc.bus.handle(FireDeadlines()) == 0, "a deadline fired twice"
         self.collect_jobs()
 
     # -------------------------------------------------------------- invariants

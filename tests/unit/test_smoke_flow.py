@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from decimal import Decimal
 
-from saga.commands import ApplyResult, Cancel, Grant, SelectSample, StartGeneration
+from saga.commands import ApplyResult, Cancel, FireDeadlines, Grant, SelectSample, StartGeneration
 from tests.conftest import World
 
 FORMAT = {"name": "instagram_post", "width": 1080, "height": 1080}
@@ -16,34 +16,34 @@ def samples(n: int = 4) -> list[dict[str, object]]:
 
 
 def test_happy_path_charges_the_price_book(world: World) -> None:
-    svc = world.service
-    svc.grant(Grant("u-1", Decimal("10.00"), "welcome"))
-    gen = svc.start(StartGeneration(user_id="u-1", prompt="spring sale", format=FORMAT))
+    svc = world
+    svc.bus.handle(Grant("u-1", Decimal("10.00"), "welcome"))
+    gen = svc.bus.handle(StartGeneration(user_id="u-1", prompt="spring sale", format=FORMAT))
     assert gen["state"] == "processing_samples"
     assert gen["credits"] == {"held": "0.25", "charged": "0.00", "released": "0.00"}
-    assert svc.account("u-1")["available"] == "9.75"
+    assert svc.queries.account("u-1")["available"] == "9.75"
 
     (job,) = world.jobs()
     assert job["stage"] == "samples" and job["attempt"] == 1 and job["sample_size"] == 512
     assert job["storage"]["prefix"] == f"users/u-1/generations/{gen['id']}/samples/"
 
-    assert svc.apply_result(ApplyResult("AIGenerationSamplesReady", gen["id"], job["job_id"],
+    assert svc.bus.handle(ApplyResult("AIGenerationSamplesReady", gen["id"], job["job_id"],
                                         samples=samples())) == "applied"
-    gen = svc.select(SelectSample(gen["id"], "s2", "high"))
+    gen = svc.bus.handle(SelectSample(gen["id"], "s2", "high"))
     assert gen["state"] == "processing_final"
     (final_job,) = world.jobs()
     assert final_job["output"] == {"width": 4096, "height": 4096, "format": "png"}
     assert final_job["selected_sample"]["sample_id"] == "s2"
 
     asset = {"url": "s3://b/final.png", "width": 4096, "height": 4096, "format": "png"}
-    assert svc.apply_result(ApplyResult("AIGenerationFinalAssetReady", gen["id"],
+    assert svc.bus.handle(ApplyResult("AIGenerationFinalAssetReady", gen["id"],
                                         final_job["job_id"], asset=asset)) == "applied"
-    gen = svc.get(gen["id"])
+    gen = svc.queries.get(gen["id"])
     assert gen["state"] == "completed" and gen["deadline_at"] is None
     assert gen["credits"] == {"held": "0.00", "charged": "2.25", "released": "0.00"}
-    assert svc.account("u-1") == {"user_id": "u-1", "plan": "free", "balance": "7.75",
+    assert svc.queries.account("u-1") == {"user_id": "u-1", "plan": "free", "balance": "7.75",
                                   "held": "0.00", "available": "7.75"}
-    kinds = [e["kind"] for e in svc.history(gen["id"])["events"]]
+    kinds = [e["kind"] for e in svc.queries.history(gen["id"])["events"]]
     assert kinds.count("transition") == 4 and kinds.count("credit") == 4
 
 
@@ -54,17 +54,17 @@ def test_a_timer_the_saga_no_longer_accepts_is_dropped_not_spun_on(world: World)
 
     from persistence.tables import generations
 
-    svc = world.service
-    svc.grant(Grant("u-1", Decimal("10.00"), "welcome"))
-    gen = svc.start(StartGeneration(user_id="u-1", prompt="p", format=FORMAT))
-    svc.cancel(Cancel(gen["id"]))
+    svc = world
+    svc.bus.handle(Grant("u-1", Decimal("10.00"), "welcome"))
+    gen = svc.bus.handle(StartGeneration(user_id="u-1", prompt="p", format=FORMAT))
+    svc.bus.handle(Cancel(gen["id"]))
     with world.engine.begin() as conn:
         row = conn.execute(generations.select()).one()
         body = {**row.body, "due_kind": "selection"}
         conn.execute(update(generations).values(due_at=world.clock.now, body=body))
     world.clock.advance(1)
-    assert svc.fire_due() == 1
-    assert svc.fire_due() == 0
-    notes = [e for e in svc.history(gen["id"])["events"] if e["kind"] == "note"]
+    assert svc.bus.handle(FireDeadlines()) == 1
+    assert svc.bus.handle(FireDeadlines()) == 0
+    notes = [e for e in svc.queries.history(gen["id"])["events"] if e["kind"] == "note"]
     assert notes[-1]["detail"] == {"ignored_timer": "selection", "state": "cancelled"}
-    assert svc.get(gen["id"])["state"] == "cancelled"
+    assert svc.queries.get(gen["id"])["state"] == "cancelled"

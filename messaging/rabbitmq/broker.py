@@ -1,0 +1,61 @@
+"""The RabbitMQ :class:`~messaging.broker.Broker`: one publisher, one consumer per queue."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+
+from messaging.broker import Delivery, Disposition
+from messaging.rabbitmq.connection import declare
+from messaging.rabbitmq.consumer import QueueConsumer
+from messaging.rabbitmq.publisher import AsyncPublisher, properties
+from saga.messages import DEAD_LETTER_EXCHANGE, OutboundMessage
+
+log = logging.getLogger(__name__)
+
+
+class RabbitBroker:
+    def __init__(self, url: str, *, prefetch: int = 200, workers: int = 4,
+                 on_unroutable: Callable[[str, str], None] | None = None) -> None:
+        self.url = url
+        self.prefetch = prefetch
+        self.workers = workers
+        self.publisher = AsyncPublisher(url, on_unroutable=on_unroutable)
+        self.consumers: list[QueueConsumer] = []
+
+    def start(self) -> None:
+        try:
+            self.declare()
+        except Exception as exc:  # the consumer declares again on every (re)connect
+            log.warning("RabbitMQ not reachable at start-up (%s); will keep trying", exc)
+        self.publisher.start()
+
+    def declare(self) -> None:
+        declare(self.url)
+
+    def publish(self, messages: Sequence[OutboundMessage]) -> list[bool]:
+        return self.publisher.publish(messages)
+
+    def dead_letter(self, delivery: Delivery, reason: str) -> None:
+        headers = {**delivery.headers, "x-rejection-reason": reason[:1000],
+                   "x-original-routing-key": delivery.routing_key}
+        props = properties(delivery.message_id, None, None, headers)
+        if not self.publisher.publish_raw(DEAD_LETTER_EXCHANGE, delivery.routing_key,
+                                          delivery.body, props):
+            raise ConnectionError("dead-letter publish was not confirmed")
+
+    def consume(self, queue: str, handler: Callable[[Delivery], Disposition]) -> None:
+        consumer = QueueConsumer(self.url, queue, handler, prefetch=self.prefetch,
+                                 workers=self.workers)
+        consumer.start()
+        self.consumers.append(consumer)
+
+    def healthy(self) -> bool:
+        return self.publisher.connected and all(c.connected.is_set() for c in self.consumers)
+
+    def stop(self) -> None:
+        for consumer in self.consumers:
+            consumer.stop()
+        self.publisher.stop()
+
+    close = stop  # the name the first adapters used

@@ -1,0 +1,199 @@
+"""Making a transition durable: fire a trigger, then turn its intents into rows.
+
+:func:`transition` fires one trigger and hands the intents the callbacks recorded to
+:func:`apply_intents`, which looks each intent's type up in :data:`APPLIERS` — one small
+function per intent type — to write credit steps, outbox rows and history rows through the
+unit of work. A new intent type needs one function and one row in that table.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any, TypeVar
+
+from saga import intents as it
+from saga import triggers as tg
+from saga.errors import BillingUnavailable, ConcurrencyConflict
+from saga.machine import fire
+from saga.messages import (
+    OutboundMessage,
+    job_message,
+    notification_message,
+    state_changed_message,
+)
+from saga.model import Generation, SagaConfig
+from saga.observer import NullObserver, Observer
+from saga.ports import HoldRequest, UnitOfWork
+from saga.pricing import ZERO, fmt, month_key
+
+T = TypeVar("T")
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass
+class Context:
+    """What every handler needs: a unit of work per call, the rules, a clock, metrics."""
+
+    uow_factory: Callable[[], UnitOfWork]
+    config: SagaConfig
+    clock: Callable[[], datetime] = utcnow
+    observer: Observer = field(default_factory=NullObserver)
+    max_conflict_retries: int = 8
+
+    def retrying(self, attempt: Callable[[], T]) -> T:
+        """Run ``attempt`` again when another writer moved the saga on meanwhile."""
+        for _ in range(self.max_conflict_retries - 1):
+            try:
+                return attempt()
+            except ConcurrencyConflict:
+                self.observer.count("concurrency_conflicts")
+        return attempt()
+
+
+def transition(ctx: Context, uow: UnitOfWork, saga: Generation, payload: tg.Trigger,
+               actor: it.Actor, now: datetime, plan: str | None = None) -> bool:
+    """Fire ``payload`` and make its intents durable; False if a guard refused it.
+
+    When a release cannot reach the external billing backend, the transition is undone
+    and the saga waits in ``compensating`` instead, retried by the sweeper.
+    """
+    snapshot = copy.deepcopy(saga) if uow.billing.may_be_unavailable else None
+    if not fire(saga, payload, now=now, actor=actor, config=ctx.config):
+        return False
+    pending = saga.take_pending()
+    for intent in pending:
+        if not isinstance(intent, it.Commit | it.Release):
+            continue
+        commit = isinstance(intent, it.Commit)
+        try:
+            uow.billing.prepare_settle(intent.hold_id, commit=commit)
+        except BillingUnavailable:
+            if commit or snapshot is None:
+                raise  # nothing changes; the caller retries (a result goes back to the queue)
+            _defer_compensation(ctx, uow, saga, snapshot, payload, actor, now)
+            return True
+    apply_intents(ctx, uow, saga, pending, now, plan=plan)
+    ctx.observer.count("transitions", trigger=payload.name)
+    return True
+
+
+def _defer_compensation(ctx: Context, uow: UnitOfWork, saga: Generation, snapshot: Generation,
+                        payload: tg.Trigger, actor: it.Actor, now: datetime) -> None:
+    target = saga.state
+    saga.__dict__.update(copy.deepcopy(snapshot).__dict__)
+    if saga.state == "compensating":  # a retry of the release failed again
+        assert saga.compensation is not None  # a compensating saga always has one
+        comp = replace(saga.compensation, tries=saga.compensation.tries + 1)
+        saga.compensation = comp
+        saga.due_at = now + ctx.config.compensation_delay(comp.tries)
+        saga.note(actor, {"compensation": "billing backend still unavailable",
+                          "tries": comp.tries})
+        ctx.observer.count("compensation_retries")
+    else:
+        error = payload.error if isinstance(payload, tg.ResultFailed | tg.Compensated) else None
+        fire(saga, tg.BillingUnavailable(
+            target=target, original_trigger=payload.name, error=error,
+            detail={"reason": "billing backend unavailable", "target": target}),
+            now=now, actor=actor, config=ctx.config)
+        ctx.observer.count("compensations")
+    apply_intents(ctx, uow, saga, saga.take_pending(), now)
+
+
+# ------------------------------------------------------------------ intents -> rows
+@dataclass(frozen=True)
+class Applying:
+    """Where the intents of one transition are written."""
+
+    ctx: Context
+    uow: UnitOfWork
+    saga: Generation
+    now: datetime
+    plan: str | None
+
+    def history(self, entry: it.HistoryEntry) -> None:
+        self.saga.history_seq += 1
+        self.uow.history.append(self.saga.id, self.saga.history_seq, self.now, entry)
+
+    def credit(self, op: str, hold_id: str | None, amount: Decimal, stage: str) -> None:
+        self.history(it.HistoryEntry(
+            kind="credit", actor="system",
+            detail={"op": op, "hold_id": hold_id, "amount": fmt(amount), "stage": stage}))
+        self.ctx.observer.count("credits", op=op)
+
+    def send(self, msg: OutboundMessage, **detail: Any) -> None:
+        self.uow.outbox.add(msg, self.now)
+        self.history(it.HistoryEntry(
+            kind="message_out", actor="system",
+            detail={"exchange": msg.exchange, "routing_key": msg.routing_key,
+                    "event_type": msg.type, "event_id": msg.message_id, **detail}))
+
+
+def _reserve(a: Applying, intent: it.Reserve) -> None:
+    prices = a.ctx.config.prices
+    quota = (prices.free_monthly_sample_rounds
+             if prices.quota_applies(a.plan or "free", intent.stage) else None)
+    a.uow.billing.reserve(
+        HoldRequest(intent.hold_id, a.saga.user_id, a.saga.id, intent.stage, intent.amount,
+                    a.now),
+        quota=quota, month=month_key(a.now.year, a.now.month))
+    a.credit("reserve", intent.hold_id, intent.amount, intent.stage)
+
+
+def _commit(a: Applying, intent: it.Commit) -> None:
+    a.uow.billing.settle(intent.hold_id, commit=True, at=a.now)
+    a.credit("commit", intent.hold_id, intent.amount, intent.stage)
+
+
+def _release(a: Applying, intent: it.Release) -> None:
+    a.uow.billing.settle(intent.hold_id, commit=False, at=a.now)
+    a.credit("release", intent.hold_id, intent.amount, intent.stage)
+
+
+def _waive(a: Applying, intent: it.Waive) -> None:
+    a.credit("waived", None, ZERO, intent.stage)
+
+
+def _dispatch(a: Applying, intent: it.DispatchJob) -> None:
+    cfg = a.ctx.config
+    a.send(job_message(a.saga, stage=intent.stage, job_id=intent.job_id,
+                       attempt=intent.attempt, now=a.now, bucket=cfg.bucket,
+                       sample_size=cfg.sample_size),
+           job_id=intent.job_id, stage=intent.stage, attempt=intent.attempt)
+
+
+def _notify(a: Applying, intent: it.Notify) -> None:
+    a.send(notification_message(a.saga, type_=intent.type, message=intent.message,
+                                data=intent.data, now=a.now), type=intent.type)
+
+
+def _state_changed(a: Applying, intent: it.PublishStateChanged) -> None:
+    a.send(state_changed_message(a.saga, from_state=intent.from_state,
+                                 to_state=intent.to_state, now=a.now))
+
+
+APPLIERS: dict[type[Any], Callable[[Applying, Any], None]] = {
+    it.HistoryEntry: Applying.history,
+    it.Reserve: _reserve,
+    it.Commit: _commit,
+    it.Release: _release,
+    it.Waive: _waive,
+    it.DispatchJob: _dispatch,
+    it.Notify: _notify,
+    it.PublishStateChanged: _state_changed,
+}
+
+
+def apply_intents(ctx: Context, uow: UnitOfWork, saga: Generation, pending: list[it.Intent],
+                  now: datetime, plan: str | None = None) -> None:
+    """Write ``pending`` in order, then save the saga (optimistic version check)."""
+    applying = Applying(ctx, uow, saga, now, plan)
+    for intent in pending:
+        APPLIERS[type(intent)](applying, intent)
+    uow.generations.save(saga)

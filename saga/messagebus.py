@@ -1,0 +1,52 @@
+"""The message bus: one table from command type to its handler.
+
+The API, the result consumer and the sweeper all hand commands to :meth:`MessageBus.handle`;
+none of them knows which function runs. A new command is a dataclass in
+:mod:`saga.commands`, a function in :mod:`saga.handlers` and one row in :data:`HANDLERS`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any
+
+from saga import commands as c
+from saga import handlers
+from saga.effects import Context, utcnow
+from saga.model import SagaConfig
+from saga.observer import Observer
+from saga.ports import IdempotencyRecord, UnitOfWork
+
+Handler = Callable[[Context, Any, IdempotencyRecord | None], Any]
+
+HANDLERS: dict[type[Any], Handler] = {
+    c.StartGeneration: handlers.start_generation,
+    c.SelectSample: handlers.select_sample,
+    c.Regenerate: handlers.regenerate,
+    c.Cancel: handlers.cancel,
+    c.SetPlan: handlers.set_plan,
+    c.Grant: handlers.grant,
+    c.ApplyResult: handlers.apply_result,
+    c.FireDeadlines: handlers.fire_deadlines,
+    c.StoreResponse: handlers.store_response,
+}
+
+
+class MessageBus:
+    """Routes a command to its handler with the shared :class:`~saga.effects.Context`."""
+
+    def __init__(self, uow_factory: Callable[[], UnitOfWork], config: SagaConfig,
+                 clock: Callable[[], datetime] = utcnow, observer: Observer | None = None
+                 ) -> None:
+        self.ctx = Context(uow_factory, config, clock)
+        if observer is not None:
+            self.ctx.observer = observer
+
+    def handle(self, cmd: object, idem: IdempotencyRecord | None = None) -> Any:
+        """Run ``cmd``'s handler; ``idem`` makes an Odoo command replayable by its key."""
+        try:
+            handler = HANDLERS[type(cmd)]
+        except KeyError:
+            raise TypeError(f"no handler for {type(cmd).__name__}") from None
+        return handler(self.ctx, cmd, idem)

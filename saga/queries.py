@@ -1,0 +1,59 @@
+"""Read-side queries: no trigger fires, nothing is written.
+
+Kept apart from the command handlers (cosmicpython's ``views``): each query opens its own
+unit of work and renders with :mod:`saga.views`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any
+
+from saga.errors import NotFound
+from saga.ports import IdempotencyRecord, UnitOfWork
+from saga.views import account_view, generation_view
+
+Cursor = tuple[datetime, str]
+
+
+class Queries:
+    def __init__(self, uow_factory: Callable[[], UnitOfWork]) -> None:
+        self.uow_factory = uow_factory
+
+    def get(self, generation_id: str) -> dict[str, Any]:
+        with self.uow_factory() as uow:
+            saga = uow.generations.get(generation_id)
+        if saga is None:
+            raise NotFound(f"generation {generation_id} not found")
+        return generation_view(saga)
+
+    def list_generations(self, *, user_id: str | None, state: str | None, limit: int,
+                         after: Cursor | None) -> tuple[list[dict[str, Any]], Cursor | None]:
+        with self.uow_factory() as uow:
+            sagas = uow.generations.search(user_id=user_id, state=state, limit=limit + 1,
+                                           after=after)
+        more = len(sagas) > limit
+        sagas = sagas[:limit]
+        cursor = (sagas[-1].created_at, sagas[-1].id) if more and sagas else None
+        return [generation_view(s) for s in sagas], cursor
+
+    def history(self, generation_id: str) -> dict[str, Any]:
+        with self.uow_factory() as uow:
+            saga = uow.generations.get(generation_id)
+            if saga is None:
+                raise NotFound(f"generation {generation_id} not found")
+            events = uow.history.events(generation_id)
+        return {"id": saga.id, "state": saga.state, "events": events}
+
+    def account(self, user_id: str) -> dict[str, Any]:
+        with self.uow_factory() as uow:
+            account = uow.billing.account(user_id)
+        if account is None:
+            raise NotFound(f"account {user_id} not found")
+        return account_view(account)
+
+    def stored_response(self, idem: IdempotencyRecord) -> tuple[str, int, Any] | None:
+        with self.uow_factory() as uow:
+            return uow.idempotency.get(idem)
+
