@@ -144,3 +144,20 @@ def peak_rss_mb(pid: int) -> float:
     except OSError:
         pass
     return float("nan")
+
+
+def postmaster_reaped_cpu() -> float:
+    """CPU seconds of the postmaster's exited (reaped) children, every database's.
+
+    A backend that connects and exits between two samples never shows up in a
+    :class:`Group`; its CPU lands here once the postmaster has reaped it.
+    """
+    total = 0.0
+    for proc in by_name("postgres"):
+        try:
+            if proc.parent() is None or proc.parent().name() != "postgres":
+                t = proc.cpu_times()
+                total += float(t.children_user + t.children_system)
+        except psutil.Error:
+            pass
+    return total

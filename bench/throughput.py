@@ -62,7 +62,16 @@ from sqlalchemy import create_engine, text
 
 from bench.backends import DEFAULT_AMQP_HOST, DEFAULT_PG, scratch_backends, wait_ready
 from bench.launch import read_sql_counts, serve_command
-from bench.procstats import Group, Sampler, by_name, peak_rss_mb, postgres_split, rss_mb, tree
+from bench.procstats import (
+    Group,
+    Sampler,
+    by_name,
+    peak_rss_mb,
+    postgres_split,
+    postmaster_reaped_cpu,
+    rss_mb,
+    tree,
+)
 from persistence.db import normalize_url
 
 KEYS = "service:bench-svc,support:bench-sup"
@@ -270,7 +279,8 @@ def pg_counters(admin_url: str, db: str) -> dict[str, float]:
         with engine.connect() as conn:
             row = conn.execute(text(
                 "SELECT xact_commit, xact_rollback, tup_inserted, tup_updated, tup_deleted,"
-                " tup_fetched, tup_returned, blks_hit, blks_read"
+                " tup_fetched, tup_returned, blks_hit, blks_read, sessions,"
+                " session_time, active_time, idle_in_transaction_time"
                 " FROM pg_stat_database WHERE datname = :db"), {"db": db}).mappings().one()
             return {k: float(v) for k, v in row.items()}
     finally:
@@ -416,6 +426,7 @@ def run_once(args: argparse.Namespace, checkout: Path, label: str) -> dict[str, 
         if args.profile:
             profiler = start_profiler(args.profile, procs[0].pid)
 
+        reaped_before = postmaster_reaped_cpu()
         sampler.start()
         started = time.perf_counter()
         go.set()
@@ -431,6 +442,7 @@ def run_once(args: argparse.Namespace, checkout: Path, label: str) -> dict[str, 
             failures += fail
         elapsed = time.perf_counter() - started
         cpu_used = sampler.finish()
+        cpu_used["postgres (exited backends, any db)"] = postmaster_reaped_cpu() - reaped_before
         if profiler is not None:
             stop_profiler(profiler)
             profiler = None
@@ -504,7 +516,9 @@ def run_once(args: argparse.Namespace, checkout: Path, label: str) -> dict[str, 
         print(f"PostgreSQL per generation (bench db, includes the bench's few probes): "
               f"{pg['xact_commit']:.1f} commits, {pg['xact_rollback']:.2f} rollbacks, "
               f"{pg['tup_inserted']:.1f} rows inserted, {pg['tup_updated']:.1f} updated, "
-              f"{pg['tup_deleted']:.1f} deleted")
+              f"{pg['tup_deleted']:.1f} deleted; {pg['sessions']:.2f} new connections, "
+              f"{pg['active_time']:.1f} ms active, {pg['idle_in_transaction_time']:.1f} ms "
+              f"idle in transaction")
         writes = []
         for table, t_after in sorted(tables_after.items()):
             t_before = tables_before.get(table, {})
@@ -577,7 +591,7 @@ def start_profiler(path: str, pid: int) -> subprocess.Popen[bytes]:
     fmt = "speedscope" if path.endswith(".json") else "flamegraph" if path.endswith(
         ".svg") else "raw"
     proc = subprocess.Popen([spy, "record", "--pid", str(pid), "--rate", "100",
-                             "--format", fmt, "-o", path, "--nonblocking"],
+                             "--format", fmt, "-o", path, "--nonblocking", "--threads", "--gil"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     time.sleep(1.0)  # attach before the load starts
     return proc
