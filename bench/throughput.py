@@ -90,9 +90,6 @@ def standin_process(url: str, published: Any, ready: Any, stop: Any) -> None:
     """An instant n8n: answers every job at once and reports when it published."""
     from tests.support.standin import Reply, result_body
 
-    conn = pika.BlockingConnection(pika.URLParameters(url))
-    ch = conn.channel()
-    ch.basic_qos(prefetch_count=500)
     props = pika.BasicProperties(content_type="application/json", delivery_mode=2)
 
     def on_job(ch: Any, method: Any, _p: Any, body: bytes) -> None:
@@ -104,11 +101,22 @@ def standin_process(url: str, published: Any, ready: Any, stop: Any) -> None:
         published.put((job["generation_id"], job["stage"], time.time()))
         ch.basic_ack(method.delivery_tag)
 
-    ch.basic_consume("n8n.generation.jobs", on_job)
-    ready.set()
     while not stop.is_set():
-        conn.process_data_events(time_limit=0.2)
-    conn.close()
+        try:
+            conn = pika.BlockingConnection(pika.URLParameters(url))
+            ch = conn.channel()
+            ch.basic_qos(prefetch_count=500)
+            ch.basic_consume("n8n.generation.jobs", on_job)
+            ready.set()
+            while not stop.is_set():
+                conn.process_data_events(time_limit=0.2)
+            conn.close()
+        except pika.exceptions.AMQPError as exc:
+            # The shared broker was restarted under us: the jobs queue is durable, so
+            # reconnect and go on; the run's figures will show the hiccup.
+            print(f"n8n stand-in: broker connection lost ({exc!r}); reconnecting",
+                  file=sys.stderr)
+            time.sleep(1)
 
 
 class Notifications(threading.Thread):
@@ -181,6 +189,7 @@ async def drive(args: argparse.Namespace, bases: list[str], notes: Notifications
     clients = [httpx.AsyncClient(base_url=b, headers=HEADERS, timeout=60, limits=limits)
                for b in bases]
     failures = 0
+    lost = 0  # no notification within --wait seconds
     todo = iter(mine)
 
     async def timed(name: str, client: httpx.AsyncClient, method: str, url: str,
@@ -199,7 +208,7 @@ async def drive(args: argparse.Namespace, bases: list[str], notes: Notifications
         return response
 
     async def one(i: int) -> None:
-        nonlocal failures
+        nonlocal failures, lost
         client = clients[i % len(clients)]
         r = await timed("POST /generations", client, "POST", "/api/v1/generations",
                         headers={"Idempotency-Key": f"bench-{i}"},
@@ -209,7 +218,12 @@ async def drive(args: argparse.Namespace, bases: list[str], notes: Notifications
             failures += 1
             return
         gid = r.json()["id"]
-        received[gid]["samples"] = await asyncio.wait_for(notes.wait(gid, "samples_ready"), 120)
+        try:
+            received[gid]["samples"] = await asyncio.wait_for(notes.wait(gid, "samples_ready"),
+                                                              args.wait)
+        except TimeoutError:
+            lost += 1
+            return
         r = await timed("POST /generations/{id}/selection", client, "POST",
                         f"/api/v1/generations/{gid}/selection",
                         headers={"Idempotency-Key": f"bench-select-{i}"},
@@ -217,7 +231,12 @@ async def drive(args: argparse.Namespace, bases: list[str], notes: Notifications
         if r.status_code != 202:
             failures += 1
             return
-        received[gid]["final"] = await asyncio.wait_for(notes.wait(gid, "final_ready"), 120)
+        try:
+            received[gid]["final"] = await asyncio.wait_for(notes.wait(gid, "final_ready"),
+                                                            args.wait)
+        except TimeoutError:
+            lost += 1
+            return
         if args.read_back:
             await timed("GET /generations/{id}", client, "GET", f"/api/v1/generations/{gid}")
 
@@ -232,7 +251,7 @@ async def drive(args: argparse.Namespace, bases: list[str], notes: Notifications
     elapsed = time.perf_counter() - start
     for c in clients:
         await c.aclose()
-    return latencies, received, elapsed, failures
+    return latencies, received, elapsed, failures + lost
 
 
 def client_process(args: argparse.Namespace, bases: list[str], amqp: str, index: int,
@@ -360,18 +379,29 @@ def run_once(args: argparse.Namespace, checkout: Path, label: str) -> dict[str, 
         # The checkout's own code creates (and later would upgrade) its schema.
         subprocess.run([python, "-m", "aigen.cli", "migrate"], cwd=checkout, env=base_env,
                        check=True, capture_output=True)
-        bases = []
-        for n in range(args.processes):
-            port = args.port + n
-            env = {**base_env, "AIGEN_HTTP_PORT": str(port),
-                   "AIGEN_BENCH_SQLCOUNT_FILE": str(sql_files[n])}
-            log = open(f"/tmp/aigen-bench-{tag}-{n}.log", "wb")  # noqa: SIM115 - child's
-            stack.callback(log.close)
-            procs.append(subprocess.Popen(serve_command(python, args.count_sql), cwd=checkout,
-                                          env=env, stdout=log, stderr=subprocess.STDOUT))
-            bases.append(f"http://127.0.0.1:{port}")
-        for base in bases:
-            wait_ready(base, 30)
+        logs: list[Any] = []
+
+        def launch() -> list[str]:
+            procs.clear()
+            for log in logs:
+                log.close()
+            logs.clear()
+            urls = []
+            for n in range(args.processes):
+                port = args.port + n
+                env = {**base_env, "AIGEN_HTTP_PORT": str(port),
+                       "AIGEN_BENCH_SQLCOUNT_FILE": str(sql_files[n])}
+                logs.append(open(f"/tmp/aigen-bench-{tag}-{n}.log", "ab"))  # noqa: SIM115
+                procs.append(subprocess.Popen(serve_command(python, args.count_sql),
+                                              cwd=checkout, env=env, stdout=logs[-1],
+                                              stderr=subprocess.STDOUT))
+                urls.append(f"http://127.0.0.1:{port}")
+            for url in urls:
+                wait_ready(url, 30)
+            return urls
+
+        stack.callback(lambda: [log.close() for log in logs])
+        bases = launch()
 
         published: Any = mp.Queue()
         ready = mp.Event()
@@ -385,9 +415,15 @@ def run_once(args: argparse.Namespace, checkout: Path, label: str) -> dict[str, 
 
         preloaded: dict[str, int] = {}
         if args.preload:
-            from bench.preload import preload
+            from bench.preload import bulk_copy, template_generation
 
-            preloaded = preload(db_url, bases[0], HEADERS, args.preload)
+            with httpx.Client(base_url=bases[0], headers=HEADERS, timeout=30) as http:
+                template_generation(http, db_url)
+            # The bulk copy runs with the service stopped: it drops and rebuilds the
+            # indexes, and the measured service then starts like a restarted one would.
+            terminate(procs)
+            preloaded = bulk_copy(db_url, args.preload)
+            bases = launch()
         with httpx.Client(base_url=bases[0], headers=HEADERS) as http:
             for u in range(args.users):
                 http.post(f"/api/v1/accounts/b-{u}/grants",
@@ -424,7 +460,7 @@ def run_once(args: argparse.Namespace, checkout: Path, label: str) -> dict[str, 
         tables_before = table_counters(db_url)
         finals_before = len(drain.finals)
         if args.profile:
-            profiler = start_profiler(args.profile, procs[0].pid)
+            profiler = start_profiler(args.profile, procs[0].pid, args.profile_rate)
 
         reaped_before = postmaster_reaped_cpu()
         sampler.start()
@@ -469,7 +505,7 @@ def run_once(args: argparse.Namespace, checkout: Path, label: str) -> dict[str, 
             print(f"preloaded {args.preload} completed generations "
                   f"({sum(preloaded.values())} rows)")
         print(f"generations: {done} complete of {args.generations} "
-              f"({failures} refused), concurrency {args.concurrency}, "
+              f"({failures} refused or lost), concurrency {args.concurrency}, "
               f"{args.processes} service process(es)")
         print(f"throughput: {done / elapsed:.1f} complete generations/s "
               f"({elapsed:.1f} s wall)")
@@ -574,23 +610,27 @@ def run_once(args: argparse.Namespace, checkout: Path, label: str) -> dict[str, 
             standin.join(5)
             if standin.is_alive():
                 standin.kill()
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        terminate(procs)
         for f in sql_files:
             f.unlink(missing_ok=True)
         stack.close()
 
 
-def start_profiler(path: str, pid: int) -> subprocess.Popen[bytes]:
+def terminate(procs: list[subprocess.Popen[bytes]]) -> None:
+    for p in procs:
+        p.terminate()
+    for p in procs:
+        try:
+            p.wait(10)
+        except subprocess.TimeoutExpired:
+            p.kill()
+
+
+def start_profiler(path: str, pid: int, rate: int = 100) -> subprocess.Popen[bytes]:
     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     fmt = "speedscope" if path.endswith(".json") else "flamegraph" if path.endswith(
         ".svg") else "raw"
-    proc = subprocess.Popen([spy, "record", "--pid", str(pid), "--rate", "100",
+    proc = subprocess.Popen([spy, "record", "--pid", str(pid), "--rate", str(rate),
                              "--format", fmt, "-o", path, "--nonblocking", "--threads", "--gil"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     time.sleep(1.0)  # attach before the load starts
@@ -649,10 +689,14 @@ def main() -> int:
     parser.add_argument("--profile", metavar="FILE",
                         help="py-spy record service[0] over the measured window "
                              "(.svg flamegraph, .json speedscope, else raw collapsed stacks)")
+    parser.add_argument("--profile-rate", type=int, default=100, metavar="HZ",
+                        help="py-spy samples per second")
     parser.add_argument("--rss-every", type=float, default=0, metavar="S",
                         help="print the service RSS every S seconds (for long runs)")
     parser.add_argument("--timeout", type=float, default=0,
                         help="give up after this many seconds (default: 120 + N/5)")
+    parser.add_argument("--wait", type=float, default=60,
+                        help="seconds a generation waits for each notification")
     parser.add_argument("--json", type=Path, help="append each run's figures to this file")
     parser.add_argument("--port", type=int, default=18600)
     parser.add_argument("--pg", default=DEFAULT_PG)
