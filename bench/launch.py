@@ -36,7 +36,9 @@ def _bump(*keys):
 @event.listens_for(Engine, "before_cursor_execute")
 def _on_statement(conn, cursor, statement, parameters, context, executemany):
     verb = statement.lstrip().split(None, 1)[0].upper() if statement.strip() else "?"
-    _bump("statements", "verb:" + verb, *(("executemany",) if executemany else ()))
+    shape = " ".join(statement.split())[:140]
+    _bump("statements", "verb:" + verb, "sql:" + shape,
+          *(("executemany",) if executemany else ()))
 
 @event.listens_for(Engine, "begin")
 def _on_begin(conn):

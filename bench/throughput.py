@@ -575,6 +575,10 @@ def run_once(args: argparse.Namespace, checkout: Path, label: str) -> dict[str, 
                   f"statements ({verbs}; executemany {total['executemany'] / per:.1f}), "
                   f"{total['begin'] / per:.1f} transactions, {total['commit'] / per:.1f} "
                   f"commits, {total['rollback'] / per:.2f} rollbacks")
+            shapes = sorted(((v, k[4:]) for k, v in total.items() if k.startswith("sql:")),
+                            reverse=True)
+            for v, shape in shapes[:args.top_sql]:
+                print(f"  {v / per:5.2f}/gen  {shape}")
 
         result["rss_mb"] = {}
         finals = drain.finals[finals_before:]
@@ -689,6 +693,8 @@ def main() -> int:
     parser.add_argument("--profile", metavar="FILE",
                         help="py-spy record service[0] over the measured window "
                              "(.svg flamegraph, .json speedscope, else raw collapsed stacks)")
+    parser.add_argument("--top-sql", type=int, default=20,
+                        help="with --count-sql, list this many statement shapes")
     parser.add_argument("--profile-rate", type=int, default=100, metavar="HZ",
                         help="py-spy samples per second")
     parser.add_argument("--rss-every", type=float, default=0, metavar="S",
