@@ -20,9 +20,10 @@ from dataclasses import dataclass, field
 import psutil
 
 
-def _cpu(proc: psutil.Process) -> float:
+def _cpu(proc: psutil.Process) -> tuple[float, float]:
+    """(user + system, system) CPU seconds."""
     t = proc.cpu_times()
-    return float(t.user + t.system)
+    return float(t.user + t.system), float(t.system)
 
 
 def tree(pid: int) -> list[psutil.Process]:
@@ -60,11 +61,11 @@ class Group:
     """CPU seconds of a changing set of processes since :meth:`start`."""
 
     find: Callable[[], list[psutil.Process]]
-    base: dict[tuple[int, float], float] = field(default_factory=dict)
-    last: dict[tuple[int, float], float] = field(default_factory=dict)
+    base: dict[tuple[int, float], tuple[float, float]] = field(default_factory=dict)
+    last: dict[tuple[int, float], tuple[float, float]] = field(default_factory=dict)
     started: float = 0.0
 
-    def _snap(self) -> dict[tuple[int, float], float]:
+    def _snap(self) -> dict[tuple[int, float], tuple[float, float]]:
         out = {}
         for proc in self.find():
             with contextlib.suppress(psutil.Error):
@@ -79,13 +80,15 @@ class Group:
     def sample(self) -> None:
         self.last.update(self._snap())
 
-    def used(self) -> float:
+    def used(self, *, system: bool = False) -> float:
+        """CPU seconds used since :meth:`start` (only kernel time with ``system``)."""
+        i = 1 if system else 0
         total = 0.0
         for key, cpu in self.last.items():
             if key in self.base:
-                total += cpu - self.base[key]
+                total += cpu[i] - self.base[key][i]
             elif key[1] >= self.started - 1:  # born during the run: all of it is ours
-                total += cpu
+                total += cpu[i]
         return total
 
 
@@ -118,13 +121,15 @@ class Sampler(threading.Thread):
                 g.sample()
             self._rss()
 
-    def finish(self) -> dict[str, float]:
+    def finish(self) -> tuple[dict[str, float], dict[str, float]]:
+        """(CPU seconds per group, of which kernel time)."""
         self.halt.set()
         self.join(5)
         for g in self.groups.values():
             g.sample()
         self._rss()
-        return {name: g.used() for name, g in self.groups.items()}
+        return ({name: g.used() for name, g in self.groups.items()},
+                {name: g.used(system=True) for name, g in self.groups.items()})
 
 
 def rss_mb(pid: int) -> float:

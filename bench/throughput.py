@@ -477,7 +477,7 @@ def run_once(args: argparse.Namespace, checkout: Path, label: str) -> dict[str, 
             received.update(rec)
             failures += fail
         elapsed = time.perf_counter() - started
-        cpu_used = sampler.finish()
+        cpu_used, sys_used = sampler.finish()
         cpu_used["postgres (exited backends, any db)"] = postmaster_reaped_cpu() - reaped_before
         if profiler is not None:
             stop_profiler(profiler)
@@ -538,9 +538,13 @@ def run_once(args: argparse.Namespace, checkout: Path, label: str) -> dict[str, 
         print(f"result -> notification                  p50 {percentile(r2n, 50):6.1f} ms  "
               f"p99 {percentile(r2n, 99):6.1f} ms  (n={len(r2n)})")
 
-        print("CPU ms per complete generation:")
+        result["sys_ms_per_generation"] = {k: v / max(done, 1) * 1000
+                                           for k, v in sys_used.items()}
+        print("CPU ms per complete generation (of which kernel):")
         for k, v in result["cpu_ms_per_generation"].items():
-            print(f"  {k:36} {v:7.2f} ms")
+            kernel = result["sys_ms_per_generation"].get(k)
+            print(f"  {k:36} {v:7.2f} ms" + (f"  ({kernel:.2f} sys)" if kernel is not None
+                                             else ""))
         service_total = sum(v for k, v in result["cpu_ms_per_generation"].items()
                             if k.startswith("service"))
         result["service_cpu_ms"] = service_total
