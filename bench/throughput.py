@@ -312,7 +312,9 @@ def table_counters(db_url: str) -> dict[str, dict[str, float]]:
         with engine.connect() as conn:
             rows = conn.execute(text(
                 "SELECT relname, n_tup_ins, n_tup_upd, n_tup_hot_upd, n_tup_del, seq_scan,"
-                " coalesce(idx_scan, 0) AS idx_scan FROM pg_stat_user_tables")).mappings()
+                " seq_tup_read, coalesce(idx_scan, 0) AS idx_scan,"
+                " coalesce(idx_tup_fetch, 0) AS idx_tup_fetch"
+                " FROM pg_stat_user_tables")).mappings()
             return {r["relname"]: {k: float(v) for k, v in r.items() if k != "relname"}
                     for r in rows}
     finally:
@@ -567,6 +569,15 @@ def run_once(args: argparse.Namespace, checkout: Path, label: str) -> dict[str, 
                 writes.append(f"{table} +{d['n_tup_ins']:.1f}/~{d['n_tup_upd']:.1f}"
                               f"/-{d['n_tup_del']:.1f}")
         print("  rows per generation (+ins/~upd/-del): " + ", ".join(writes))
+        reads = []
+        for table, t_after in sorted(tables_after.items()):
+            t_before = tables_before.get(table, {})
+            d = {k: (v - t_before.get(k, 0.0)) / per for k, v in t_after.items()}
+            if d["seq_scan"] or d["idx_scan"]:
+                reads.append(f"{table} {d['seq_scan']:.2f} seq ({d['seq_tup_read']:.0f} rows)"
+                             f"/{d['idx_scan']:.1f} idx")
+        print("  scans per generation (seq (rows read)/index): " + ", ".join(reads))
+        print(f"  buffers per generation: {pg['blks_hit']:.0f} hit, {pg['blks_read']:.1f} read")
         if sql_after:
             total: dict[str, int] = defaultdict(int)
             for before_c, after_c in zip(sql_before, sql_after, strict=True):
