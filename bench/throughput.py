@@ -16,11 +16,13 @@ For every run it prints:
   notification arrives);
 * **CPU ms per complete generation of each process separately**: every ``aigen serve``
   process, the PostgreSQL backends serving the bench database (the rest of the server is
-  shared with the machine and printed apart), RabbitMQ (``beam.smp``, shared), the stand-in
-  and the load generators — user + system time, delta over the measured window;
-* PostgreSQL transactions and rows written per complete generation (``pg_stat_database`` /
-  ``pg_stat_user_tables`` of the bench database) and, with ``--count-sql``, the statements
-  and transactions the service issued per generation (SQLAlchemy engine events);
+  shared with the machine and printed apart, as is the CPU of backends that exited during the
+  run, any database's), RabbitMQ (``beam.smp``, shared), the stand-in and the load
+  generators — user + system time (the kernel part shown too), delta over the measured window;
+* PostgreSQL commits, rows written, new connections, active and idle-in-transaction time,
+  scans and buffers per complete generation (``pg_stat_database`` / ``pg_stat_user_tables`` of
+  the bench database) and, with ``--count-sql``, the statements and transactions the service
+  issued per generation and their shapes (SQLAlchemy engine events);
 * peak and final RSS of each service process, and with ``--rss-every S`` the RSS over time.
 
 Run the service of another checkout (a ``git worktree`` of an older commit with its own
