@@ -308,6 +308,15 @@ def pg_counters(admin_url: str, db: str) -> dict[str, float]:
         engine.dispose()
 
 
+def autovacuum_on(admin_url: str) -> bool:
+    engine = create_engine(normalize_url(admin_url))
+    try:
+        with engine.connect() as conn:
+            return str(conn.execute(text("SHOW autovacuum")).scalar()) == "on"
+    finally:
+        engine.dispose()
+
+
 def table_counters(db_url: str) -> dict[str, dict[str, float]]:
     engine = create_engine(normalize_url(db_url), isolation_level="AUTOCOMMIT")
     try:
@@ -461,6 +470,7 @@ def run_once(args: argparse.Namespace, checkout: Path, label: str) -> dict[str, 
                       if args.count_sql else [])
         time.sleep(1.2)  # let the backends flush their statistics before the baseline
         pg_before = pg_counters(args.pg, db)
+        autovacuum = autovacuum_on(args.pg)
         tables_before = table_counters(db_url)
         finals_before = len(drain.finals)
         if args.profile:
@@ -569,8 +579,8 @@ def run_once(args: argparse.Namespace, checkout: Path, label: str) -> dict[str, 
             d = {k: (v - t_before.get(k, 0.0)) / per for k, v in t_after.items()}
             if any(d[k] for k in ("n_tup_ins", "n_tup_upd", "n_tup_del")):
                 writes.append(f"{table} +{d['n_tup_ins']:.1f}/~{d['n_tup_upd']:.1f}"
-                              f"/-{d['n_tup_del']:.1f}")
-        print("  rows per generation (+ins/~upd/-del): " + ", ".join(writes))
+                              f"({d['n_tup_hot_upd']:.1f} HOT)/-{d['n_tup_del']:.1f}")
+        print("  rows per generation (+ins/~upd(HOT)/-del): " + ", ".join(writes))
         reads = []
         for table, t_after in sorted(tables_after.items()):
             t_before = tables_before.get(table, {})
@@ -579,7 +589,11 @@ def run_once(args: argparse.Namespace, checkout: Path, label: str) -> dict[str, 
                 reads.append(f"{table} {d['seq_scan']:.2f} seq ({d['seq_tup_read']:.0f} rows)"
                              f"/{d['idx_scan']:.1f} idx")
         print("  scans per generation (seq (rows read)/index): " + ", ".join(reads))
-        print(f"  buffers per generation: {pg['blks_hit']:.0f} hit, {pg['blks_read']:.1f} read")
+        print(f"  buffers per generation: {pg['blks_hit']:.0f} hit, {pg['blks_read']:.1f} read; "
+              f"{pg['tup_returned']:.0f} rows/index entries read")
+        if not autovacuum:
+            print("  NOTE: autovacuum is off on this server: dead rows and index entries pile up "
+                  "during the run, so PostgreSQL's cost per generation grows with its length")
         if sql_after:
             total: dict[str, int] = defaultdict(int)
             for before_c, after_c in zip(sql_before, sql_after, strict=True):
