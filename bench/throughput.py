@@ -30,8 +30,9 @@ Run the service of another checkout (a ``git worktree`` of an older commit with 
 ``--compare PATH_A PATH_B --runs 2``. ``--profile FILE`` records the first service process
 with py-spy during the measured window (see ``bench/profile_summary.py``).
 
-Run: ``./dev bench --generations 1000 --concurrency 32 --processes 1``. This is a
-measurement, not a test: it asserts nothing about speed.
+Needs the ``bench`` extra (``.venv/bin/pip install -e '.[test,bench]'``: psutil, py-spy).
+Run: ``.venv/bin/python -m bench.throughput --generations 1000 --concurrency 32 --processes 1``
+(or ``./dev bench …``). This is a measurement, not a test: it asserts nothing about speed.
 """
 
 from __future__ import annotations
