@@ -464,6 +464,18 @@ def run_once(args: argparse.Namespace, checkout: Path, label: str) -> dict[str, 
         groups["n8n stand-in"] = Group(lambda: tree(standin_pid))
         groups["load generator"] = Group(lambda: [q for c in clients for q in tree(c.pid or 0)])
         groups["bench harness (sampling)"] = Group(lambda: [psutil.Process()])
+        idle: dict[str, float] = {}
+        if args.idle_seconds:
+            # The service with nothing to do: relay, sweeper and consumers polling.
+            time.sleep(2)
+            idle_groups = {k: g for k, g in groups.items()
+                           if k.startswith(("service", "postgres (bench"))}
+            for g in idle_groups.values():
+                g.start()
+            time.sleep(args.idle_seconds)
+            for g in idle_groups.values():
+                g.sample()
+            idle = {k: g.used() / args.idle_seconds * 100 for k, g in idle_groups.items()}
         sampler = Sampler(groups, [p.pid for p in procs], interval=1.0)
 
         hist_before = [histogram(b) for b in bases]
@@ -612,6 +624,10 @@ def run_once(args: argparse.Namespace, checkout: Path, label: str) -> dict[str, 
             for v, shape in shapes[:args.top_sql]:
                 print(f"  {v / per:5.2f}/gen  {shape}")
 
+        if idle:
+            result["idle_cpu_percent"] = idle
+            print(f"idle for {args.idle_seconds:.0f} s before the load: " + ", ".join(
+                f"{k} {v:.2f} % of a core" for k, v in idle.items()))
         result["rss_mb"] = {}
         finals = drain.finals[finals_before:]
         for n, p in enumerate(procs):
@@ -729,6 +745,8 @@ def main() -> int:
                         help="with --count-sql, list this many statement shapes")
     parser.add_argument("--profile-rate", type=int, default=100, metavar="HZ",
                         help="py-spy samples per second")
+    parser.add_argument("--idle-seconds", type=float, default=0, metavar="S",
+                        help="first measure the idle service's CPU for S seconds")
     parser.add_argument("--rss-every", type=float, default=0, metavar="S",
                         help="print the service RSS every S seconds (for long runs)")
     parser.add_argument("--timeout", type=float, default=0,
