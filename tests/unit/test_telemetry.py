@@ -459,3 +459,81 @@ def test_an_unsatisfiable_configuration_is_logged_and_leaves_tracing_off() -> No
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "still running"
     assert "tracing requested by OTEL_* but not started" in done.stderr
+
+
+# -- the shipped n8n workflow copies the job's trace into every result ----------------------
+WORKFLOW = REPO / "aigen" / "n8n" / "workflow.json"
+#: Runs one Code node's JavaScript the way n8n does (the code is a function body) with the
+#: inputs n8n would give it: ``$input``, ``$env`` and ``$('<node>')`` for earlier outputs.
+NODE_HARNESS = r"""
+const { code, input, nodes } = JSON.parse(require('fs').readFileSync(0, 'utf8'));
+const items = (list) => ({ first: () => list[0], all: () => list });
+const run = new Function('$input', '$env', '$', 'Buffer', code);
+const out = run(items(input), {}, (name) => items(nodes[name]), Buffer);
+process.stdout.write(JSON.stringify(out));
+"""
+
+
+def run_code_node(name: str, input_items: list[dict[str, Any]],
+                  nodes: dict[str, list[dict[str, Any]]] | None = None) -> list[dict[str, Any]]:
+    import shutil
+
+    if shutil.which("node") is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("node is required to run the workflow's Code nodes")
+        pytest.skip("node is not installed")
+    workflow = json.loads(WORKFLOW.read_text())
+    (code,) = [n["parameters"]["jsCode"] for n in workflow["nodes"] if n["name"] == name]
+    done = subprocess.run(["node", "-e", NODE_HARNESS], input=json.dumps(
+        {"code": code, "input": input_items, "nodes": nodes or {}}), capture_output=True,
+        text=True, timeout=30, check=False)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)  # type: ignore[no-any-return]
+
+
+def job_message(**overrides: Any) -> list[dict[str, Any]]:
+    job = {
+        "event_type": "AIGenerationJobRequested", "generation_id": "g-1", "job_id": "j-12345678",
+        "stage": "samples", "prompt": "banner", "sample_count": 2, "sample_size": 512,
+        "storage": {"bucket": "b", "prefix": "p/"},
+        "reply": {"exchange": "creativeflow.generation",
+                  "routing_key_prefix": "generation.result."},
+        **overrides,
+    }
+    return [{"json": {"content": json.dumps(job)}}]
+
+
+def test_workflow_copies_a_jobs_trace_into_failures_found_while_parsing() -> None:
+    (failed,) = run_code_node("Parse job", job_message(prompt="", trace={"traceparent": ARMED}))
+    assert failed["json"]["out"]["body"]["error"]["code"] == "invalid_job"
+    assert failed["json"]["out"]["body"]["trace"] == {"traceparent": ARMED}
+
+
+@pytest.mark.parametrize("trace", [None, {"traceparent": "garbage"}, {"traceparent": 7}, "x",
+                                   {"traceparent": ARMED.upper()}])
+def test_workflow_never_echoes_a_missing_or_malformed_trace(trace: Any) -> None:
+    extra = {} if trace is None else {"trace": trace}
+    (failed,) = run_code_node("Parse job", job_message(prompt="", **extra))
+    assert "trace" not in failed["json"]["out"]["body"]
+    (planned,) = run_code_node("Parse job", job_message(**extra))
+    assert planned["json"]["ok"] is True and planned["json"]["trace"] is None
+
+
+def test_workflow_copies_a_jobs_trace_into_model_failures_and_ready_results() -> None:
+    (planned,) = run_code_node("Parse job", job_message(trace={"traceparent": ARMED, "x": 1}))
+    assert planned["json"]["trace"] == {"traceparent": ARMED}  # only the traceparent
+    parsed = {"Parse job": [planned]}
+    (model_failed,) = run_code_node("Decode images", [{"json": {"statusCode": 500,
+                                                                "data": "{}"}}], parsed)
+    assert model_failed["json"]["out"]["body"]["error"]["code"] == "model_unavailable"
+    assert model_failed["json"]["out"]["body"]["trace"] == {"traceparent": ARMED}
+    images = [{"json": {"ok": True, "sample_id": f"s{i}-j1234567", "bucket": "b",
+                        "key": f"p/s{i}.png", "width": 512, "height": 512}} for i in (1, 2)]
+    stored = [{"json": {"success": True}}, {"json": {"success": True}}]
+    (ready,) = run_code_node("Build result", stored, {**parsed, "Decode images": images})
+    body = ready["json"]["out"]["body"]
+    assert body["event_type"] == "AIGenerationSamplesReady"
+    assert body["trace"] == {"traceparent": ARMED}
+    (store_failed,) = run_code_node("Build result", stored[:1], {**parsed, "Decode images": images})
+    assert store_failed["json"]["out"]["body"]["event_type"] == "AIGenerationFailed"
+    assert store_failed["json"]["out"]["body"]["trace"] == {"traceparent": ARMED}
