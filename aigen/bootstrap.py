@@ -16,6 +16,7 @@ from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 from sqlalchemy import Connection, Engine, text
 
+from aigen import telemetry
 from aigen.demo_worker import DemoWorker, redispatch_unanswered
 from aigen.jobs.sweeper import Sweeper
 from aigen.metrics import PrometheusObserver
@@ -71,14 +72,17 @@ class Runtime:
             self.demo_worker.stop()
         self.broker.stop()
         self.engine.dispose()
+        telemetry.shutdown()  # flushes the last spans (a no-op when tracing is off)
 
 
 def build(settings: Settings, *, broker: Broker | None = None, run_migrations: bool = True
           ) -> Runtime:
+    telemetry.configure()  # on only when OTEL_* asks for it; a no-op the second time
     db_url = settings.resolved_database_url
     if run_migrations:
         migrate(db_url)
     engine = make_engine(db_url, pool_size=settings.db_pool_size)
+    telemetry.instrument_sqlalchemy(engine)
     registry = CollectorRegistry()
     observer = PrometheusObserver(registry)
     if broker is None:
@@ -88,7 +92,8 @@ def build(settings: Settings, *, broker: Broker | None = None, run_migrations: b
             on_unroutable=lambda exchange, _key: observer.count("unroutable", exchange=exchange)))
 
     store = SqlOutboxStore(engine)
-    relay = OutboxRelay(store, broker, observer, batch_size=settings.relay_batch_size)
+    relay = OutboxRelay(store, broker, observer, batch_size=settings.relay_batch_size,
+                        tracer=telemetry)
     billing_factory: Callable[[Connection], Billing] = SqlLedger
     reap: Callable[[datetime], int] | None = None
     if settings.billing_url:
@@ -99,8 +104,8 @@ def build(settings: Settings, *, broker: Broker | None = None, run_migrations: b
     def uow_factory() -> SqlUnitOfWork:
         return SqlUnitOfWork(engine, billing_factory, after_commit=relay.wake)
 
-    bus = MessageBus(uow_factory, settings.saga_config(), observer=observer)
-    consumer = ResultConsumer(bus, broker, observer)
+    bus = MessageBus(uow_factory, settings.saga_config(), observer=observer, tracer=telemetry)
+    consumer = ResultConsumer(bus, broker, observer, tracer=telemetry)
     sweeper = Sweeper(bus, engine, settings.sweeper_interval_s, reap)
     observer.gauge("aigen_outbox_backlog", "Outbox rows not yet confirmed by the broker",
                    store.backlog)
@@ -120,5 +125,6 @@ def build(settings: Settings, *, broker: Broker | None = None, run_migrations: b
         bus=bus, queries=Queries(uow_factory), api_keys=settings.resolved_api_keys(),
         readiness={"database": database_ready, "broker": broker.healthy},
         registry=registry, assets_dir=assets_dir, worker_threads=settings.db_pool_size))
+    telemetry.instrument_fastapi(app)
     return Runtime(settings, engine, bus, broker, relay, consumer, sweeper, app, registry,
                    demo_worker)

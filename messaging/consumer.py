@@ -22,7 +22,9 @@ from saga.errors import BillingUnavailable
 from saga.handlers import UNKNOWN_GENERATION
 from saga.inputs import find_nul
 from saga.messagebus import MessageBus
+from saga.messages import RESULTS_QUEUE
 from saga.observer import Observer
+from saga.tracing import NullTracer, Tracer
 
 log = logging.getLogger(__name__)
 MAX_RESULT_BYTES = 256 * 1024
@@ -30,16 +32,35 @@ _RESULT = TypeAdapter(Result)
 
 
 class ResultConsumer:
-    def __init__(self, bus: MessageBus, broker: Broker, observer: Observer) -> None:
+    def __init__(self, bus: MessageBus, broker: Broker, observer: Observer,
+                 tracer: Tracer | None = None) -> None:
         self.bus = bus
         self.broker = broker
         self.observer = observer
+        self.tracer: Tracer = tracer or NullTracer()
 
     def handle(self, delivery: Delivery) -> Disposition:
+        """Apply one delivery, in a CONSUMER span that continues the job's trace."""
+        if not self.tracer.enabled():
+            return self._handle(delivery)
+        parent, generation_id = _trace_source(delivery)
+        with self.tracer.span(
+                f"{RESULTS_QUEUE} process", parent=parent, kind="consumer",
+                attributes={"messaging.system": "rabbitmq",
+                            "messaging.operation.type": "process",
+                            "messaging.destination.name": RESULTS_QUEUE,
+                            "messaging.rabbitmq.destination.routing_key": delivery.routing_key,
+                            "messaging.message.id": delivery.message_id},
+                generation_id=generation_id):
+            log.debug("result %s for generation %s", delivery.routing_key, generation_id)
+            return self._handle(delivery)
+
+    def _handle(self, delivery: Delivery) -> Disposition:
         command_or_reason = parse_result(delivery.body)
         if isinstance(command_or_reason, str):
             self.observer.count("dead_lettered", reason=command_or_reason.split(":")[0])
             log.warning("dead-lettering result: %s", command_or_reason)
+            self.tracer.span_event("message refused", reason=command_or_reason)
             self.broker.dead_letter(delivery, command_or_reason)
             return Disposition.ACK
         try:
@@ -49,6 +70,8 @@ class ResultConsumer:
             return Disposition.RETRY
         except Exception as exc:  # a bug must not stall the queue: park the message instead
             log.exception("result could not be processed; dead-lettering it")
+            self.tracer.span_event("message refused",
+                                   reason=f"processing_error: {type(exc).__name__}")
             self.observer.count("dead_lettered", reason="processing_error")
             self.broker.dead_letter(delivery, f"processing_error: {type(exc).__name__}")
             return Disposition.ACK
@@ -58,6 +81,24 @@ class ResultConsumer:
             self.observer.count("results", event_type=command_or_reason.event_type,
                                 outcome=outcome)
         return Disposition.ACK
+
+
+def _trace_source(delivery: Delivery) -> tuple[Any, str | None]:
+    """(parent, generation id) of a delivery: the body's ``trace`` (n8n copies the job's),
+    else the AMQP ``traceparent`` header. Parses the body a second time, only with tracing
+    on; anything malformed just starts a new trace (``parse_result`` decides refusals)."""
+    data: Any = None
+    if len(delivery.body) <= MAX_RESULT_BYTES:
+        try:
+            data = json.loads(delivery.body)
+        except (ValueError, UnicodeDecodeError):
+            data = None
+    if not isinstance(data, dict):
+        return delivery.headers, None
+    generation_id = data.get("generation_id")
+    trace = data.get("trace")
+    parent = trace if isinstance(trace, dict) and trace.get("traceparent") else delivery.headers
+    return parent, generation_id if isinstance(generation_id, str) else None
 
 
 def parse_result(body: bytes) -> ApplyResult | str:

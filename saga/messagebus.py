@@ -17,6 +17,7 @@ from saga.effects import Context, utcnow
 from saga.model import SagaConfig
 from saga.observer import Observer
 from saga.ports import IdempotencyRecord, UnitOfWork
+from saga.tracing import Tracer
 
 Handler = Callable[[Context, Any, IdempotencyRecord | None], Any]
 
@@ -37,11 +38,13 @@ class MessageBus:
     """Routes a command to its handler with the shared :class:`~saga.effects.Context`."""
 
     def __init__(self, uow_factory: Callable[[], UnitOfWork], config: SagaConfig,
-                 clock: Callable[[], datetime] = utcnow, observer: Observer | None = None
-                 ) -> None:
+                 clock: Callable[[], datetime] = utcnow, observer: Observer | None = None,
+                 tracer: Tracer | None = None) -> None:
         self.ctx = Context(uow_factory, config, clock)
         if observer is not None:
             self.ctx.observer = observer
+        if tracer is not None:
+            self.ctx.tracer = tracer
 
     def handle(self, cmd: object, idem: IdempotencyRecord | None = None) -> Any:
         """Run ``cmd``'s handler; ``idem`` makes an Odoo command replayable by its key."""
