@@ -149,8 +149,8 @@ class Applying:
         """A ``credits <step>`` span: CLIENT when an external billing backend answers it."""
         return self.ctx.tracer.span(
             "credits " + step, kind="client" if self.uow.billing.may_be_unavailable
-            else "internal", generation_id=self.saga.id, step=step, amount=fmt(amount),
-            stage=stage)
+            else "internal", generation_id=self.saga.id, step=step, amount=amount,
+            stage=stage)  # the tracer formats the amount, only when tracing is on
 
     def send(self, msg: OutboundMessage, **detail: Any) -> None:
         traceparent = self.ctx.tracer.current_traceparent()

@@ -58,6 +58,11 @@ def test_one_generation_is_one_trace_across_outbox_broker_and_sweeper(
             assert "aigen.generation_id" not in s["attributes"], s
 
     by_id = {s["span_id"]: s for s in ours}
+    reserve = next(s for s in ours if s["name"] == "credits reserve")
+    assert reserve["kind"] == "INTERNAL"  # the built-in ledger; CLIENT for external billing
+    assert reserve["attributes"] == {"aigen.generation_id": gid, "aigen.step": "reserve",
+                                     "aigen.amount": "0.25", "aigen.stage": "samples"}
+    assert by_id[reserve["parent"]]["name"] == "transition start"
     # the relay's publish continues the transition that wrote the outbox row
     job_publishes = [s for s in ours if s["name"] == "creativeflow.generation publish"]
     assert len(job_publishes) == 2  # the samples job and the final job
