@@ -268,8 +268,9 @@ def console_router(deps: Any) -> APIRouter:
         if session is None or not session.signed_in:
             return to_sign_in()
         letters = await read(data.dead_letters, service)
+        done = request.query_params.get("done")
         return page(request, session, "dead_letters.html", title="Dead letters",
-                    letters=letters)
+                    letters=letters, done=done if done in ("replayed", "discarded") else None)
 
     # -- actions ----------------------------------------------------------------------------
     def reason_of(fields: dict[str, str]) -> str:
