@@ -199,7 +199,8 @@ def test_replay_a_dead_letter_and_see_it_applied(page: Any, stack: Stack,
     _shoot(page, screenshot_dir, "h11b-05-generation-after-replay")
 
 
-def test_support_actions_refuse_a_post_without_the_csrf_token(page: Any, stack: Stack) -> None:
+def test_support_actions_refuse_a_post_without_the_csrf_token(
+        page: Any, stack: Stack, screenshot_dir: Path) -> None:
     generation_id = _start(stack)
     sign_in(page, stack)  # type: ignore[arg-type]
     page.goto(f"{stack.url}/console/generations/{generation_id}")

@@ -18,7 +18,7 @@ from messaging.broker import Delivery
 from messaging.consumer import ResultConsumer
 from messaging.inprocess import InProcessBroker
 from persistence.external_billing import ExternalBilling, HttpBillingClient
-from persistence.tables import dead_letters, holds
+from persistence.tables import dead_letters
 from saga.commands import ApplyResult, FireDeadlines
 from saga.messages import DEAD_LETTER_QUEUE, RESULTS_QUEUE, UNROUTABLE_QUEUE
 from saga.observer import NullObserver
