@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Callable
 from datetime import datetime
 from typing import Any
@@ -32,10 +33,14 @@ from saga.messages import DEAD_LETTER_QUEUE, GENERATION_EXCHANGE, UNROUTABLE_QUE
 MAX_STORED_BODY = 1024 * 1024  # a larger body is cut (and so can no longer be replayed)
 
 
+_GENERATION_ID = re.compile(r"^[A-Za-z0-9-]{1,36}$")
+
+
 def _text(value: Any) -> str | None:
+    """A header value as text PostgreSQL can store (no NUL), or None."""
     if isinstance(value, bytes):
-        return value.decode("utf-8", errors="replace")
-    return value if isinstance(value, str) else None
+        value = value.decode("utf-8", errors="replace")
+    return value.replace("\x00", "\ufffd") if isinstance(value, str) else None
 
 
 def _first_death(headers: dict[str, Any]) -> dict[str, Any]:
@@ -51,7 +56,7 @@ def _generation_id(body: bytes) -> str | None:
     except (ValueError, UnicodeDecodeError):
         return None
     value = data.get("generation_id") if isinstance(data, dict) else None
-    return value if isinstance(value, str) and 1 <= len(value) <= 36 else None
+    return value if isinstance(value, str) and _GENERATION_ID.match(value) else None
 
 
 def to_command(delivery: Delivery, queue: str, now: datetime) -> StoreDeadLetter:
@@ -61,7 +66,7 @@ def to_command(delivery: Delivery, queue: str, now: datetime) -> StoreDeadLetter
     keys = death.get("routing-keys")
     death_key = _text(keys[0]) if isinstance(keys, list) and keys else None
     routing_key = (_text(headers.get(ORIGINAL_ROUTING_KEY)) or death_key
-                   or delivery.routing_key)
+                   or _text(delivery.routing_key) or "")
     exchange = (_text(headers.get(ORIGINAL_EXCHANGE)) or _text(death.get("exchange"))
                 or GENERATION_EXCHANGE)
     reason = (_text(headers.get(REJECTION_REASON))
@@ -73,7 +78,7 @@ def to_command(delivery: Delivery, queue: str, now: datetime) -> StoreDeadLetter
         reason = f"{reason} (body cut to {MAX_STORED_BODY} bytes)"
     kind = "unroutable" if queue == UNROUTABLE_QUEUE else "dlq"
     if delivery.message_id:
-        key = f"{kind}:{delivery.message_id}"
+        key = f"{kind}:{_text(delivery.message_id)}"
     else:
         digest = hashlib.sha256(b"\0".join([exchange.encode(), routing_key.encode(),
                                              reason.encode(), delivery.body])).hexdigest()
