@@ -88,7 +88,7 @@ class StoreResponse:
     body: Any
 
 
-# ------------------------------------------------------------------ support (contract §7)
+# ------------------------------------------------------------------ support actions, dead letters
 @dataclass(frozen=True)
 class SupportCancel:
     """Support cancels a generation that is not terminal (history actor ``support``)."""

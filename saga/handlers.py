@@ -321,7 +321,7 @@ def _fire_one_due(ctx: Context) -> bool:
         return True
 
 
-# ------------------------------------------------------------------ support (contract §7)
+# ------------------------------------------------------------------ support actions, dead letters
 def support_cancel(ctx: Context, cmd: SupportCancel,
                    idem: IdempotencyRecord | None = None) -> View:
     """Cancel as support: the cancel trigger with actor ``support``; 409 when terminal."""

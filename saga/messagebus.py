@@ -30,7 +30,7 @@ HANDLERS: dict[type[Any], Handler] = {
     c.ApplyResult: handlers.apply_result,
     c.FireDeadlines: handlers.fire_deadlines,
     c.StoreResponse: handlers.store_response,
-    # support (contract §7)
+    # support actions, dead letters
     c.SupportCancel: handlers.support_cancel,
     c.SupportResolve: handlers.support_resolve,
     c.StoreDeadLetter: handlers.store_dead_letter,

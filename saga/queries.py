@@ -58,7 +58,7 @@ class Queries:
             return uow.idempotency.get(idem)
 
 
-    # -- support (contract §7) ----------------------------------------------------------------
+    # -- support: dead letters ---------------------------------------------------------------
     def dead_letters(self, *, limit: int, after: Cursor | None, status: str | None = "open"
                      ) -> tuple[list[dict[str, Any]], Cursor | None]:
         """Dead letters newest first (``status`` None: all), with the next page's cursor."""
