@@ -10,6 +10,7 @@ import dataclasses
 import json
 import queue
 import threading
+import uuid
 from collections.abc import Callable, Sequence
 
 from messaging.broker import (
@@ -71,7 +72,8 @@ class InProcessBroker:
         headers = {**delivery.headers, "x-rejection-reason": reason,
                    "x-original-routing-key": delivery.routing_key}
         self.route(DEAD_LETTER_EXCHANGE, delivery.routing_key,
-                   Delivery(delivery.body, delivery.routing_key, delivery.message_id, headers))
+                   Delivery(delivery.body, delivery.routing_key,
+                            delivery.message_id or str(uuid.uuid4()), headers))
 
     def consume(self, queue_name: str, handler: Callable[[Delivery], Disposition]) -> None:
         q = self.queues[queue_name]

@@ -6,6 +6,9 @@ dead-lettering adds ``x-death``). ``orchestrator.unroutable`` receives outbound 
 queue was bound for (the publisher parks them there). Each delivery becomes one
 ``dead_letters`` row — inserted, then acknowledged; a redelivery after a crash between the two
 is the same message key and stored once — so support can list, replay and discard it by id.
+The key is the message id (the consumer gives a dead-lettered message without one an id of
+its own); only a message RabbitMQ dead-lettered itself may lack one, and then identical
+copies (same exchange, routing key, reason and body) are stored once.
 """
 
 from __future__ import annotations
