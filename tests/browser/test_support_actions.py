@@ -137,6 +137,8 @@ def test_resolve_a_stuck_compensation_with_the_external_billing_stand_in(
         page.goto(f"{stack.url}/console/generations/{generation_id}")
         assert page.locator('.diagram svg [aria-current="step"]').get_attribute(
             "data-state") == "compensating"
+        # Already headed for cancelled: cancelling again is not offered.
+        assert page.get_by_text("Cancel generation", exact=True).count() == 0
         page.get_by_text("Resolve hold", exact=True).click()
         form = page.locator("details.action[open] form")
         form.get_by_label("released").check()
