@@ -27,14 +27,18 @@ from saga.messages import DEAD_LETTER_EXCHANGE, UNROUTABLE_QUEUE, OutboundMessag
 
 
 class InProcessBroker:
-    def __init__(self, *, keep_unroutable: bool = False) -> None:
+    """``keep_published=True`` (tests) keeps a copy of every message sent in ``published``;
+    the embedded service leaves it off, so a long run does not grow without bound."""
+
+    def __init__(self, *, keep_unroutable: bool = False, keep_published: bool = False) -> None:
         # The embedded mode runs no notification or Odoo consumer, so every notification
         # would be unroutable there: parking them is opt-in (tests), as RabbitMQ does always.
         self.keep_unroutable = keep_unroutable
         self.exchange_types = dict(EXCHANGES)
         self.bindings: list[tuple[str, str, str]] = []  # (exchange, pattern, queue)
         self.queues: dict[str, queue.Queue[Delivery]] = {}
-        self.published: list[OutboundMessage] = []  # everything sent, for tests and demos
+        self.keep_published = keep_published
+        self.published: list[OutboundMessage] = []  # what was sent, if keep_published
         self._threads: list[threading.Thread] = []
         self._stop = threading.Event()
         for name, _args, binds in QUEUES:
@@ -48,9 +52,10 @@ class InProcessBroker:
 
     def publish(self, messages: Sequence[OutboundMessage]) -> list[bool]:
         for msg in messages:
-            if msg.payload is not None and not msg.body:  # read back from the outbox
-                msg = dataclasses.replace(msg, body=json.loads(msg.payload))
-            self.published.append(msg)
+            if self.keep_published:
+                if msg.payload is not None and not msg.body:  # read back from the outbox
+                    msg = dataclasses.replace(msg, body=json.loads(msg.payload))
+                self.published.append(msg)
             routed = self.route(msg.exchange, msg.routing_key,
                                 Delivery(msg.encode(), msg.routing_key, msg.message_id))
             if not routed and self.keep_unroutable:

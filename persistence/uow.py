@@ -258,4 +258,7 @@ class SqlUnitOfWork:
             self.after_commit()
 
     def rollback(self) -> None:
-        self.tx.rollback()
+        """Roll back, and undo what billing did outside the database (remote holds)."""
+        if self.tx.is_active:
+            self.tx.rollback()
+            self.billing.abandon()
