@@ -45,20 +45,31 @@ def reap_pending_holds(engine: Engine, client: HttpBillingClient, now: datetime,
     A ``pending`` row older than :data:`PENDING_GRACE` belongs to a request that rolled back
     or to a process that died mid-request: the backend may hold credits for it, nobody will
     ever settle them, so they are released (idempotently; 404 means nothing was held).
+
+    The rows are claimed with ``FOR UPDATE SKIP LOCKED`` and stay locked until they are marked
+    released: a reservation whose transaction is still alive holds its row's lock (see
+    :meth:`ExternalBilling.reserve`), so however late it is, it is skipped rather than
+    released under it; two reapers side by side never take the same row.
     """
-    with engine.connect() as conn:
+    released = 0
+    with engine.connect() as conn, conn.begin():
         stale = conn.execute(select(holds.c.hold_id).where(
             holds.c.status == "pending", holds.c.created_at < now - PENDING_GRACE)
-            .order_by(holds.c.created_at).limit(limit)).scalars().all()
-    released = 0
-    for hold_id in stale:
-        response = client.call("POST", f"/holds/{hold_id}/release")
-        if response.status_code in (200, 201, 204, 404):
-            _mark_released(engine, hold_id)
-            released += 1
-        else:
-            log.error("billing refused to release stale hold %s: %s", hold_id,
-                      response.status_code)
+            .order_by(holds.c.created_at).limit(limit)
+            .with_for_update(skip_locked=True)).scalars().all()
+        for hold_id in stale:
+            try:
+                response = client.call("POST", f"/holds/{hold_id}/release")
+            except BillingUnavailable as exc:
+                log.error("could not release stale hold %s: %s", hold_id, exc)
+                continue
+            if response.status_code in (200, 201, 204, 404):
+                conn.execute(update(holds).where(holds.c.hold_id == hold_id)
+                             .values(status="released", settled_at=datetime.now(UTC)))
+                released += 1
+            else:
+                log.error("billing refused to release stale hold %s: %s", hold_id,
+                          response.status_code)
     return released
 
 
@@ -139,6 +150,14 @@ class ExternalBilling:
         if self.durable:
             with self.conn.engine.connect() as side, side.begin():
                 record_hold(side, hold, month, status="pending")
+            # Lock the row in our transaction before asking the backend, and keep the lock
+            # until we commit or roll back: the reaper skips locked rows, so it can never
+            # release a reservation whose request or commit is merely slow.
+            status = self.conn.execute(select(holds.c.status)
+                                       .where(holds.c.hold_id == hold.hold_id)
+                                       .with_for_update()).scalar_one()
+            if status != "pending":  # only if our clock is far behind the reaper's
+                raise BillingUnavailable(f"hold {hold.hold_id} was reaped before it was made")
         response = self.client.call("POST", "/holds", json={
             "hold_id": hold.hold_id, "user_id": hold.user_id, "amount": fmt(hold.amount),
             "reason": f"{hold.stage} for generation {hold.generation_id}"})
@@ -148,9 +167,11 @@ class ExternalBilling:
         if response.status_code not in (200, 201):
             raise BillingUnavailable(f"unexpected answer {response.status_code} to a hold")
         if self.durable:
-            self.conn.execute(update(holds).where(holds.c.hold_id == hold.hold_id,
-                                                  holds.c.status == "pending")
-                              .values(status="open"))
+            opened = self.conn.execute(update(holds).where(holds.c.hold_id == hold.hold_id,
+                                                           holds.c.status == "pending")
+                                       .values(status="open"))
+            if opened.rowcount != 1:  # cannot happen while we hold the lock; never claim it
+                raise BillingUnavailable(f"hold {hold.hold_id} is no longer pending")
         else:
             record_hold(self.conn, hold, month)
 

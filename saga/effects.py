@@ -177,14 +177,36 @@ def _reserve(a: Applying, intent: it.Reserve) -> None:
 
 def _commit(a: Applying, intent: it.Commit) -> None:
     with a.credit_span("commit", intent.amount, intent.stage):
-        a.uow.billing.settle(intent.hold_id, commit=True, at=a.now)
-    a.credit("commit", intent.hold_id, intent.amount, intent.stage)
+        settled = a.uow.billing.settle(intent.hold_id, commit=True, at=a.now)
+    if settled:
+        a.credit("commit", intent.hold_id, intent.amount, intent.stage)
+    else:
+        a.saga.charged -= intent.amount  # the model counted it; nothing was charged
+        _credit_skipped(a, "commit", intent.hold_id, intent.amount, intent.stage)
 
 
 def _release(a: Applying, intent: it.Release) -> None:
     with a.credit_span("release", intent.amount, intent.stage):
-        a.uow.billing.settle(intent.hold_id, commit=False, at=a.now)
-    a.credit("release", intent.hold_id, intent.amount, intent.stage)
+        settled = a.uow.billing.settle(intent.hold_id, commit=False, at=a.now)
+    if settled:
+        a.credit("release", intent.hold_id, intent.amount, intent.stage)
+    else:
+        a.saga.released -= intent.amount
+        _credit_skipped(a, "release", intent.hold_id, intent.amount, intent.stage)
+
+
+def _credit_skipped(a: Applying, op: str, hold_id: str, amount: Decimal, stage: str) -> None:
+    """The hold was no longer open (settled outside the saga): record that, claim nothing.
+
+    The transition still goes ahead — the user gets the result or the cancellation; only the
+    money step did not happen here — so the history says so with a ``note`` instead of a
+    ``credit`` step, the saga's credit summary counts only what it moved, and the metric
+    ``credits{op="<op>_skipped"}`` lets support find it.
+    """
+    a.history(it.HistoryEntry(kind="note", actor="system", detail={
+        "credit_skipped": op, "hold_id": hold_id, "amount": fmt(amount), "stage": stage,
+        "reason": "hold_not_open"}))
+    a.ctx.observer.count("credits", op=f"{op}_skipped")
 
 
 def _waive(a: Applying, intent: it.Waive) -> None:

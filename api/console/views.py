@@ -52,6 +52,7 @@ def console_router(deps: Any) -> APIRouter:
     """``deps`` is the app's ``ApiDeps`` (``bus``, ``queries``, ``api_keys``)."""
     router = APIRouter(prefix=PREFIX, include_in_schema=False)
     service = deps.queries
+    asset_links = getattr(deps, "asset_links", None)
     sessions = Sessions(deps.api_keys)
     machine = definition()
     env = Environment(loader=PackageLoader("api.console", "templates"),
@@ -221,7 +222,7 @@ def console_router(deps: Any) -> APIRouter:
         if session is None or not session.signed_in:
             return to_sign_in()
         try:
-            view = await read(data.generation, service, generation_id)
+            view = await read(data.generation, service, generation_id, asset_links)
             hist = await read(data.history, service, generation_id)
         except NotFound as exc:
             return refused(request, _Refused(404, "Not found", exc.message))
@@ -231,7 +232,8 @@ def console_router(deps: Any) -> APIRouter:
         holds = await read(data.open_holds, service, generation_id=generation_id)
         terminal = data.is_terminal(view["state"])
         offered = {
-            "cancel": not terminal,
+            "cancel": not terminal and _compensation_target(hist["events"]) in (
+                None, "awaiting_selection"),
             "retry": bool(view.get("attention")),
             "resolve": view["state"] == "compensating" and bool(holds),
         }
@@ -272,8 +274,9 @@ def console_router(deps: Any) -> APIRouter:
         if session is None or not session.signed_in:
             return to_sign_in()
         letters = await read(data.dead_letters, service)
+        done = request.query_params.get("done")
         return page(request, session, "dead_letters.html", title="Dead letters",
-                    letters=letters)
+                    letters=letters, done=done if done in ("replayed", "discarded") else None)
 
     # -- actions ----------------------------------------------------------------------------
     def reason_of(fields: dict[str, str]) -> str:
@@ -327,6 +330,20 @@ def console_router(deps: Any) -> APIRouter:
         return RedirectResponse(f"{PREFIX}/dead-letters?done=discarded", status_code=303)
 
     return router
+
+
+def _compensation_target(events: list[dict[str, Any]]) -> str | None:
+    """Where a saga in ``compensating`` lands once the release goes through (None: not
+    compensating, or not recorded). Only one headed back to selection can still be cancelled."""
+    for event in reversed(events):
+        if event.get("kind") == "transition" and event.get("to_state") != "compensating":
+            return None
+        if event.get("kind") == "transition" and event.get("trigger") == "cancel":
+            return "cancelled"
+        if event.get("kind") == "transition" and event.get("from_state") != "compensating":
+            target = (event.get("detail") or {}).get("target")
+            return str(target) if target else None
+    return None
 
 
 def _back(generation_id: str, done: str) -> Response:
