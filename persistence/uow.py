@@ -9,11 +9,17 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, and_, bindparam, insert, or_, select, update
 
+from persistence.attention import (
+    attention_list,
+    park_row,
+    record_fire_failure,
+    unpark_row,
+)
 from persistence.ledger import SqlLedger
 from persistence.sql import insert_ignore
 from persistence.tables import generation_events, generations, idempotency_keys, inbox, outbox
 from saga import intents as it
-from saga.errors import ConcurrencyConflict
+from saga.errors import ConcurrencyConflict, UnloadableSaga
 from saga.messages import OutboundMessage, iso
 from saga.model import Generation
 from saga.ports import (
@@ -69,7 +75,16 @@ def saga_from_row(row: Any) -> Generation:
     return Generation(
         id=row.id, user_id=row.user_id, state=row.state, version=row.version,
         created_at=row.created_at, updated_at=row.updated_at, due_at=row.due_at, **known,
+        attention=attention_of(row),
     )
+
+
+def attention_of(row: Any) -> dict[str, Any] | None:
+    """The ``attention`` field of the Generation resource, from a generations row."""
+    since = getattr(row, "attention_since", None)
+    if since is None:
+        return None
+    return {"reason": row.attention_reason, "since": iso(since), "kind": row.attention_kind}
 
 
 # Hot-path statements are built once; each execution only binds parameters.
@@ -81,7 +96,12 @@ _SAVE = (update(generations)
                 generations.c.version == bindparam("expected_version"))
          .values(state=bindparam("state"), version=bindparam("new_version"),
                  updated_at=bindparam("updated_at"), due_at=bindparam("due_at"),
-                 body=bindparam("body")))
+                 body=bindparam("body"), fire_failures=0))
+# The sweeper's claim: the earliest passed deadline of a saga that is not parked.
+_CLAIM_DUE = (select(generations.c.id)
+              .where(generations.c.due_at <= bindparam("now"),
+                     generations.c.attention_since.is_(None))
+              .order_by(generations.c.due_at).limit(1).with_for_update(skip_locked=True))
 
 
 class SqlGenerations:
@@ -108,11 +128,30 @@ class SqlGenerations:
         saga.version += 1
 
     def claim_due(self, now: datetime) -> Generation | None:
-        row = self.conn.execute(
-            select(generations).where(generations.c.due_at <= now)
-            .order_by(generations.c.due_at).limit(1).with_for_update(skip_locked=True)
-        ).first()
-        return saga_from_row(row) if row else None
+        gid = self.conn.execute(_CLAIM_DUE, {"now": now}).scalar()
+        if gid is None:
+            return None
+        try:
+            row = self.conn.execute(_GET, {"gid": gid}).first()
+            return saga_from_row(row)
+        except (KeyError, TypeError, ValueError, AttributeError, ArithmeticError) as exc:
+            raise UnloadableSaga(gid, f"{type(exc).__name__}: {exc}") from exc
+
+    # -- parking (plain SQL by id: works when the row cannot be loaded into a Generation) --
+    def park(self, generation_id: str, kind: str, reason: str, now: datetime) -> bool:
+        return park_row(self.conn, generation_id, kind, reason, now)
+
+    def fire_failed(self, generation_id: str, retry_at: Callable[[int], datetime]) -> int:
+        return record_fire_failure(self.conn, generation_id, retry_at)
+
+    def unpark(self, generation_id: str, now: datetime, *, actor: str, reason: str,
+               due_now: bool) -> bool | None:
+        return unpark_row(self.conn, generation_id, now, actor=actor, reason=reason,
+                          due_now=due_now)
+
+    def attention(self, limit: int, after: tuple[datetime, str] | None
+                  ) -> list[dict[str, Any]]:
+        return attention_list(self.conn, limit, after)
 
     def search(self, *, user_id: str | None, state: str | None, limit: int,
              after: tuple[datetime, str] | None) -> list[Generation]:

@@ -85,3 +85,21 @@ class StoreResponse:
     record: IdempotencyRecord
     status: int
     body: Any
+
+
+# ------------------------------------------------------------------ parking (support)
+@dataclass(frozen=True)
+class Park:
+    """Park a saga for support (by id; works when its row cannot be loaded)."""
+
+    generation_id: str
+    kind: str  # timer | compensation | result
+    reason: str
+
+
+@dataclass(frozen=True)
+class SupportRetry:
+    """Support: clear a parked saga's ``attention`` and run the parked step again now."""
+
+    generation_id: str
+    reason: str
