@@ -20,6 +20,7 @@ from persistence.sql import insert_ignore
 from persistence.tables import generation_events, generations, idempotency_keys, inbox, outbox
 from saga import intents as it
 from saga.errors import ConcurrencyConflict, UnloadableSaga
+from saga.failures import FAILURE_LOG
 from saga.messages import OutboundMessage, iso
 from saga.model import Generation
 from saga.ports import (
@@ -87,6 +88,9 @@ def attention_of(row: Any) -> dict[str, Any] | None:
     return {"reason": row.attention_reason, "since": iso(since), "kind": row.attention_kind}
 
 
+# What a corrupt body makes saga_from_row raise (missing or mistyped fields).
+_LOAD_ERRORS = (KeyError, TypeError, ValueError, AttributeError, ArithmeticError)
+
 # Hot-path statements are built once; each execution only binds parameters.
 _GET = select(generations).where(generations.c.id == bindparam("gid"))
 _GET_FOR_UPDATE = _GET.with_for_update()
@@ -134,7 +138,7 @@ class SqlGenerations:
         try:
             row = self.conn.execute(_GET, {"gid": gid}).first()
             return saga_from_row(row)
-        except (KeyError, TypeError, ValueError, AttributeError, ArithmeticError) as exc:
+        except _LOAD_ERRORS as exc:
             raise UnloadableSaga(gid, f"{type(exc).__name__}: {exc}") from exc
 
     # -- parking (plain SQL by id: works when the row cannot be loaded into a Generation) --
@@ -166,7 +170,15 @@ class SqlGenerations:
                                     and_(generations.c.created_at == at,
                                          generations.c.id < last_id)))
         query = query.order_by(generations.c.created_at.desc(), generations.c.id.desc())
-        return [saga_from_row(r) for r in self.conn.execute(query.limit(limit))]
+        found = []
+        for row in self.conn.execute(query.limit(limit)):
+            try:
+                found.append(saga_from_row(row))
+            except _LOAD_ERRORS as exc:  # one corrupt row must not take the listing down
+                FAILURE_LOG.failed("listing generations",
+                                   f"row {row.id} does not load ({type(exc).__name__}); "
+                                   "left out (it is parked when its deadline fires)")
+        return found
 
 
 _INSERT_EVENT = insert(generation_events)
