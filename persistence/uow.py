@@ -115,7 +115,12 @@ class SqlGenerations:
     def get(self, generation_id: str, *, for_update: bool = False) -> Generation | None:
         row = self.conn.execute(_GET_FOR_UPDATE if for_update else _GET,
                                 {"gid": generation_id}).first()
-        return saga_from_row(row) if row else None
+        if row is None:
+            return None
+        try:
+            return saga_from_row(row)
+        except _LOAD_ERRORS as exc:
+            raise UnloadableSaga(generation_id, f"{type(exc).__name__}: {exc}") from exc
 
     def add(self, saga: Generation) -> None:
         self.conn.execute(_INSERT_GENERATION, {"version": 0, **saga_to_row(saga)})
