@@ -94,20 +94,22 @@ class ResultConsumer:
                 return Disposition.RETRY
             self.observer.count("result_redeliveries")
             return Disposition.ACK
+        label = "permanent"
         if cause == "transient":
+            label = "budget"
             reason = (f"retry_budget_exhausted: {attempt - 1} retries, last {detail}")
         else:
             reason = f"processing_error: {detail}"
             if FAILURE_LOG.failed("processing a result", f"{cmd.generation_id}: {detail}",
                                   level=logging.ERROR):
                 log.error("the failure behind it", exc_info=exc)
-        self._park(cmd.generation_id, reason)
+        self._park(cmd.generation_id, reason, label)
         self._dead_letter(delivery, reason)
         return Disposition.ACK
 
-    def _park(self, generation_id: str, reason: str) -> None:
+    def _park(self, generation_id: str, reason: str, cause: str) -> None:
         try:
-            self.bus.handle(Park(generation_id, "result", reason))
+            self.bus.handle(Park(generation_id, "result", reason, cause))
         except Exception as exc:  # the database is down too: the dead letter still keeps it
             FAILURE_LOG.failed("parking a saga", f"{generation_id}: {exc}")
 

@@ -100,7 +100,9 @@ def unpark_row(conn: Connection, generation_id: str, now: datetime, *, actor: st
     values = _append_note(conn, generation_id, body, now, actor,
                           {"unparked": True, "kind": row.attention_kind, "reason": reason})
     extra: dict[str, Any] = {}
-    if due_now and row.due_at is not None:
+    # A parked timer or compensation runs again now. A result's step is the message itself
+    # (replayed from the dead letters); its saga's own deadline is left as it was.
+    if due_now and row.due_at is not None and row.attention_kind != "result":
         extra["due_at"] = now
     conn.execute(update(generations).where(generations.c.id == generation_id).values(
         attention_reason=None, attention_kind=None, attention_since=None, fire_failures=0,

@@ -95,6 +95,7 @@ class Park:
     generation_id: str
     kind: str  # timer | compensation | result
     reason: str
+    cause: str = "permanent"  # metric label: permanent | budget
 
 
 @dataclass(frozen=True)

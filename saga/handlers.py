@@ -368,7 +368,7 @@ def park_saga(ctx: Context, cmd: Park, idem: IdempotencyRecord | None = None) ->
     def attempt() -> bool:
         with ctx.uow_factory() as uow:
             parked = park(ctx, uow, cmd.generation_id, cmd.kind, cmd.reason, ctx.clock(),
-                          cause="permanent")
+                          cause=cmd.cause)
             uow.commit()
         return parked
 

@@ -103,7 +103,7 @@ class FakeGenerations:
         kind = saga.attention["kind"]
         saga.attention = None
         self.fire_failures.pop(generation_id, None)
-        if due_now and saga.due_at is not None:
+        if due_now and saga.due_at is not None and kind != "result":
             saga.due_at = now
         self._note(saga, actor, {"unparked": True, "kind": kind, "reason": reason})
         return True

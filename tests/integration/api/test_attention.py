@@ -115,3 +115,15 @@ def test_the_console_offers_retry_only_when_parked_and_it_works(
                        follow_redirects=False)
     assert done.status_code == 303
     assert get(client, gen["id"])["attention"] is None
+
+
+def test_retrying_a_parked_result_leaves_the_sagas_own_deadline_alone(
+        client: TestClient, pg_world: World) -> None:
+    grant(client)
+    gen = start_ok(client)
+    park(pg_world, gen["id"], "result", "processing_error: BillingRefused")
+    assert retry(client, gen["id"], "billing fixed; replaying the result").status_code == 200
+    assert pg_world.bus.handle(FireDeadlines()) == 0  # the samples deadline is still ahead
+    after = get(client, gen["id"])
+    assert after["state"] == "processing_samples"
+    assert after["deadline_at"] == gen["deadline_at"] and after["attention"] is None
