@@ -12,6 +12,7 @@ import queue
 import threading
 import uuid
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from messaging.broker import (
     EXCHANGES,
@@ -69,7 +70,7 @@ class InProcessBroker:
         routed = 0
         for ex, pattern, name in self.bindings:
             if ex == exchange and (fanout or topic_matches(pattern, routing_key)):
-                self.queues[name].put(delivery)
+                self.queues[name].put(dataclasses.replace(delivery, queue=name))
                 routed += 1
         return routed
 
@@ -79,6 +80,12 @@ class InProcessBroker:
         self.route(DEAD_LETTER_EXCHANGE, delivery.routing_key,
                    Delivery(delivery.body, delivery.routing_key,
                             delivery.message_id or str(uuid.uuid4()), headers))
+
+    def redeliver(self, delivery: Delivery, headers: dict[str, Any]) -> None:
+        if delivery.queue is None:
+            raise ValueError("a delivery without its queue cannot be redelivered")
+        self.queues[delivery.queue].put(dataclasses.replace(
+            delivery, headers={**delivery.headers, **headers}, redelivered=False))
 
     def consume(self, queue_name: str, handler: Callable[[Delivery], Disposition]) -> None:
         q = self.queues[queue_name]

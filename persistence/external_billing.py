@@ -21,9 +21,16 @@ from sqlalchemy import Connection, Engine, func, select, update
 
 from persistence.ledger import close_hold, count_sample_rounds, from_cents, record_hold
 from persistence.tables import holds
-from saga.errors import BillingUnavailable, DomainError, InsufficientCredits, QuotaExceeded
+from saga.errors import (
+    BillingRefused,
+    BillingUnavailable,
+    DomainError,
+    InsufficientCredits,
+    QuotaExceeded,
+)
 from saga.ports import Account, HoldRequest
 from saga.pricing import fmt, money
+from saga.retry import RetryPolicy
 
 log = logging.getLogger(__name__)
 
@@ -77,34 +84,50 @@ class ExternalBillingNotSupported(DomainError):
     code = "external_billing"
 
 
+def is_transient_status(status: int) -> bool:
+    """5xx and 429 (rate limited) may pass if asked again later; other answers will not."""
+    return status >= 500 or status == 429
+
+
+def refused(status: int, what: str) -> BillingRefused:
+    """A 4xx that asking again will not change: the step parks instead of retrying."""
+    return BillingRefused(f"billing refused {what} with HTTP {status}", status=status)
+
+
 class HttpBillingClient:
-    """Thin HTTP client with timeouts and a few quick retries; shared by all threads."""
+    """Thin HTTP client with timeouts and a few quick retries; shared by all threads.
+
+    Retries follow the service's one :class:`~saga.retry.RetryPolicy`, with a budget small
+    enough for a request: by default ``attempts`` calls ``backoff`` seconds apart, doubling.
+    """
 
     def __init__(self, base_url: str, *, timeout: float = 2.0, attempts: int = 3,
-                 backoff: float = 0.1, transport: httpx.BaseTransport | None = None) -> None:
+                 backoff: float = 0.1, transport: httpx.BaseTransport | None = None,
+                 policy: RetryPolicy | None = None) -> None:
         self.http = httpx.Client(base_url=base_url.rstrip("/"), timeout=timeout,
                                  transport=transport)
-        self.attempts = attempts
-        self.backoff = backoff
+        self.policy = policy or RetryPolicy(base=backoff, cap=1.0, jitter=0.5,
+                                            max_attempts=attempts - 1)
 
     def call(self, method: str, path: str, json: dict[str, Any] | None = None,
              ok: tuple[int, ...] = (200, 201, 204)) -> httpx.Response:
-        """Return the first answer that is not a transport error or a 5xx.
-
-        Raises :class:`BillingUnavailable` when every attempt failed that way.
-        """
+        """Return the first answer that is not a transient failure (transport error, timeout,
+        5xx, 429). Raises :class:`BillingUnavailable` when the retry budget ran out."""
         last: str = ""
-        for attempt in range(self.attempts):
+        retry = 0
+        while True:
             try:
                 response = self.http.request(method, path, json=json)
             except httpx.HTTPError as exc:
                 last = f"{type(exc).__name__}: {exc}"
             else:
-                if response.status_code < 500:
+                if not is_transient_status(response.status_code):
                     return response
                 last = f"HTTP {response.status_code}"
-            if attempt + 1 < self.attempts:
-                time.sleep(self.backoff * (2 ** attempt))
+            retry += 1
+            if not self.policy.allows(retry):
+                break
+            time.sleep(self.policy.delay(retry))
         raise BillingUnavailable(f"billing backend {method} {path} failed: {last}")
 
     def close(self) -> None:
@@ -128,7 +151,7 @@ class ExternalBilling:
         if response.status_code == 404:
             return None
         if response.status_code != 200:
-            raise BillingUnavailable(f"unexpected answer {response.status_code} for account")
+            raise refused(response.status_code, f"the account {user_id}")
         data = response.json()
         try:
             available = money(Decimal(str(data["available"])))
@@ -165,7 +188,7 @@ class ExternalBilling:
             raise InsufficientCredits(f"{money(hold.amount)} credits needed",
                                       required=fmt(hold.amount))
         if response.status_code not in (200, 201):
-            raise BillingUnavailable(f"unexpected answer {response.status_code} to a hold")
+            raise refused(response.status_code, f"the hold {hold.hold_id}")
         if self.durable:
             opened = self.conn.execute(update(holds).where(holds.c.hold_id == hold.hold_id,
                                                            holds.c.status == "pending")
@@ -182,7 +205,7 @@ class ExternalBilling:
             return
         if response.status_code == 404 and not commit:
             return  # the backend never held it: nothing to release
-        raise BillingUnavailable(f"billing answered {response.status_code} to {op} {hold_id}")
+        raise refused(response.status_code, f"to {op} {hold_id}")
 
     def settle(self, hold_id: str, *, commit: bool, at: datetime) -> bool:
         return close_hold(self.conn, hold_id, commit=commit, at=at) is not None

@@ -30,6 +30,7 @@ from saga.model import Generation, SagaConfig
 from saga.observer import NullObserver, Observer
 from saga.ports import HoldRequest, UnitOfWork
 from saga.pricing import ZERO, fmt, month_key
+from saga.retry import RetryPolicy
 from saga.tracing import NullTracer, Tracer
 
 T = TypeVar("T")
@@ -48,6 +49,7 @@ class Context:
     clock: Callable[[], datetime] = utcnow
     observer: Observer = field(default_factory=NullObserver)
     max_conflict_retries: int = 8
+    retry: RetryPolicy = field(default_factory=RetryPolicy)  # AIGEN_RETRY_* (saga/retry.py)
     tracer: Tracer = field(default_factory=NullTracer)
 
     def retrying(self, attempt: Callable[[], T]) -> T:
@@ -110,6 +112,12 @@ def _defer_compensation(ctx: Context, uow: UnitOfWork, saga: Generation, snapsho
         saga.note(actor, {"compensation": "billing backend still unavailable",
                           "tries": comp.tries})
         ctx.observer.count("compensation_retries")
+        if not ctx.config.compensation_policy().allows(comp.tries):
+            apply_intents(ctx, uow, saga, saga.take_pending(), now)
+            park(ctx, uow, saga.id, "compensation",
+                 f"retry budget exhausted: billing did not answer {comp.tries} releases",
+                 now, cause="budget")
+            return
     else:
         error = payload.error if isinstance(payload, tg.ResultFailed | tg.Compensated) else None
         fire(saga, tg.BillingUnavailable(
@@ -118,6 +126,16 @@ def _defer_compensation(ctx: Context, uow: UnitOfWork, saga: Generation, snapsho
             now=now, actor=actor, config=ctx.config)
         ctx.observer.count("compensations")
     apply_intents(ctx, uow, saga, saga.take_pending(), now)
+
+
+def park(ctx: Context, uow: UnitOfWork, generation_id: str, kind: str, reason: str,
+         now: datetime, *, cause: str) -> bool:
+    """Park a saga in ``uow`` (plain SQL by id): it keeps its state and holds, the sweeper
+    skips it, support sees it in the attention list. ``cause``: a metric label."""
+    parked = uow.generations.park(generation_id, kind, reason, now)
+    if parked:
+        ctx.observer.count("parked", kind=kind, cause=cause)
+    return parked
 
 
 # ------------------------------------------------------------------ intents -> rows

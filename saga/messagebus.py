@@ -17,6 +17,7 @@ from saga.effects import Context, utcnow
 from saga.model import SagaConfig
 from saga.observer import Observer
 from saga.ports import IdempotencyRecord, UnitOfWork
+from saga.retry import RetryPolicy
 from saga.tracing import Tracer
 
 Handler = Callable[[Context, Any, IdempotencyRecord | None], Any]
@@ -37,6 +38,8 @@ HANDLERS: dict[type[Any], Handler] = {
     c.StoreDeadLetter: handlers.store_dead_letter,
     c.ReplayDeadLetter: handlers.replay_dead_letter,
     c.DiscardDeadLetter: handlers.discard_dead_letter,
+    c.Park: handlers.park_saga,
+    c.SupportRetry: handlers.support_retry,
 }
 
 
@@ -45,8 +48,11 @@ class MessageBus:
 
     def __init__(self, uow_factory: Callable[[], UnitOfWork], config: SagaConfig,
                  clock: Callable[[], datetime] = utcnow, observer: Observer | None = None,
+                 retry: RetryPolicy | None = None,
                  tracer: Tracer | None = None) -> None:
         self.ctx = Context(uow_factory, config, clock)
+        if retry is not None:
+            self.ctx.retry = retry
         if observer is not None:
             self.ctx.observer = observer
         if tracer is not None:
