@@ -13,10 +13,10 @@ from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
-    ValidationError,
     ConfigDict,
     Field,
     StringConstraints,
+    ValidationError,
     ValidationInfo,
     field_validator,
 )
