@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import fastapi_offline
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from fastapi.openapi.docs import (
     get_redoc_html,
     get_swagger_ui_html,
@@ -22,13 +22,21 @@ from fastapi.openapi.docs import (
 from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 
+from api.deps import require
+
 ASSETS_PATH = "/docs-assets"
 ASSETS_DIR = Path(fastapi_offline.__file__).parent / "static"
 BEARER = "ApiKey"
 
 
-def install_docs(app: FastAPI) -> None:
-    """Serve ``/docs`` and ``/redoc`` with local assets; call once from ``create_app``."""
+def install_docs(app: FastAPI, *, public: bool = True) -> None:
+    """Serve ``/docs`` and ``/redoc`` with local assets; call once from ``create_app``.
+
+    ``public=False`` (``AIGEN_PUBLIC_DOCS=false``): the pages and ``/openapi.json`` need an
+    API key of any role, like the API itself (the static assets stay public: they are
+    Swagger UI's and ReDoc's own files).
+    """
+    guard = [] if public else [Depends(require("service", "support"))]
     docs_url, redoc_url = app.docs_url or "/docs", app.redoc_url or "/redoc"
     oauth_url = app.swagger_ui_oauth2_redirect_url or "/docs/oauth2-redirect"
     openapi_url = app.openapi_url or "/openapi.json"
@@ -37,7 +45,7 @@ def install_docs(app: FastAPI) -> None:
                             if getattr(r, "path", None) not in replaced]
     app.mount(ASSETS_PATH, StaticFiles(directory=ASSETS_DIR), name="docs-assets")
 
-    @app.get(docs_url, include_in_schema=False)
+    @app.get(docs_url, include_in_schema=False, dependencies=guard)
     async def swagger_ui() -> HTMLResponse:
         return get_swagger_ui_html(
             openapi_url=openapi_url, title=f"{app.title} — API docs",
@@ -51,14 +59,14 @@ def install_docs(app: FastAPI) -> None:
     async def oauth_redirect() -> HTMLResponse:
         return get_swagger_ui_oauth2_redirect_html()
 
-    @app.get(redoc_url, include_in_schema=False)
+    @app.get(redoc_url, include_in_schema=False, dependencies=guard)
     async def redoc() -> HTMLResponse:
         return get_redoc_html(openapi_url=openapi_url, title=f"{app.title} — API reference",
                               redoc_js_url=f"{ASSETS_PATH}/redoc.standalone.js",
                               redoc_favicon_url=f"{ASSETS_PATH}/favicon.png",
                               with_google_fonts=False)
 
-    @app.get(openapi_url, include_in_schema=False)
+    @app.get(openapi_url, include_in_schema=False, dependencies=guard)
     async def openapi() -> JSONResponse:
         return JSONResponse(with_bearer(app.openapi()))
 
