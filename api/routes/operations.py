@@ -23,7 +23,8 @@ async def live() -> Any:
     return {"status": "ok"}
 
 
-@router.get("/health/ready", response_model=Ready)
+@router.get("/health/ready", response_model=Ready, responses={
+    503: {"model": Ready, "description": "The database or the broker is unreachable"}})
 async def ready(deps: Deps) -> Response:
     """503 while the database or the broker is unreachable."""
     checks = {}
