@@ -21,6 +21,7 @@ from fastapi.staticfiles import StaticFiles
 from prometheus_client import CollectorRegistry, Histogram
 from sqlalchemy.exc import OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.console import console_router
@@ -83,10 +84,12 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> Response:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        # Keep Starlette's headers: a 405 carries Allow (RFC 9110 §15.5.6).
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:  # Allow lists every method of the path (RFC 9110 §15.5.6),
+            headers["Allow"] = _allowed_methods(request)  # not just the first route's
         return problem_response(exc.status_code,
                                 Problem(exc.status_code, code, str(exc.detail)).body(
-                                    request.url.path), dict(exc.headers or {}) or None)
+                                    request.url.path), headers or None)
 
     @app.exception_handler(OperationalError)
     async def _db_down(request: Request, exc: OperationalError) -> Response:
@@ -110,6 +113,16 @@ def _add_error_handlers(app: FastAPI) -> None:
         return problem_response(503, Problem(503, "billing_unavailable",
                                              "the billing backend is unavailable, retry later"
                                              ).body(request.url.path), {"Retry-After": "5"})
+
+
+_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
+
+
+def _allowed_methods(request: Request) -> str:
+    """Every method some route answers fully on this path (routers nest, so ask them)."""
+    routes = request.app.router.routes
+    return ", ".join(m for m in _METHODS if any(
+        r.matches({**request.scope, "method": m})[0] is Match.FULL for r in routes))
 
 
 class _EdgeMiddleware:

@@ -175,6 +175,46 @@ def _hoist_defs(node: Any, defs: dict[str, Any]) -> Any:
     return node
 
 
+def _user_id_pattern(schema: dict[str, Any]) -> None:
+    from api.schemas import USER_ID_PATTERN
+
+    for branch in schema.get("anyOf", [schema]):
+        if branch.get("type") == "string":
+            branch["pattern"] = USER_ID_PATTERN
+
+
+# What a created resource leads to (OpenAPI links): clients and schemathesis's stateful
+# phase follow them from the id in the response.
+_LINKS: dict[tuple[str, str, str], dict[str, tuple[str, str, str]]] = {
+    ("post", "/api/v1/generations", "202"): {
+        f"Get{name}": (op, "generation_id", "$response.body#/id") for name, op in (
+            ("Generation", "get_generation_api_v1_generations__generation_id__get"),
+            ("History", "history_api_v1_generations__generation_id__history_get"),
+            ("Diagram", "diagram_api_v1_generations__generation_id__diagram_get"),
+            ("Selection", "select_sample_api_v1_generations__generation_id__selection_post"),
+            ("Regenerate", "regenerate_api_v1_generations__generation_id__regenerate_post"),
+            ("Cancel", "cancel_api_v1_generations__generation_id__cancel_post"))},
+    ("post", _ACCOUNT + "/grants", "201"): {
+        "GetAccount": ("get_account_api_v1_accounts__user_id__get", "user_id",
+                       "$response.body#/user_id")},
+    ("put", _ACCOUNT, "200"): {
+        "GetAccount": ("get_account_api_v1_accounts__user_id__get", "user_id",
+                       "$response.body#/user_id")},
+}
+
+
+def _add_links(schema: dict[str, Any]) -> None:
+    known = {op.get("operationId") for ops in schema.get("paths", {}).values()
+             for op in ops.values()}
+    for (method, path, status), links in _LINKS.items():
+        response = schema.get("paths", {}).get(path, {}).get(method, {}).get(
+            "responses", {}).get(status)
+        if response is None:
+            continue
+        response["links"] = {name: {"operationId": op, "parameters": {param: value}}
+                             for name, (op, param, value) in links.items() if op in known}
+
+
 def complete(schema: dict[str, Any]) -> dict[str, Any]:
     """Make FastAPI's document tell the truth (in place, idempotent).
 
@@ -210,9 +250,10 @@ def complete(schema: dict[str, Any]) -> dict[str, Any]:
                 if param["in"] == "path" and param["name"] == "generation_id":
                     param["description"] = ("A generation id (a UUID). An id longer than 36 "
                                             "characters is 404.")
-                if param["in"] == "path" and param["name"] == "user_id":
+                if param["name"] == "user_id":
                     param["description"] = ("A user id: 1-64 characters, no control or "
                                             "format characters, not . or .., no / or \\.")
+                    _user_id_pattern(param["schema"])
                 if param["name"] == "cursor":
                     param["description"] = ("The `next_cursor` of the previous page, as "
                                             "returned; anything else is 422.")
@@ -226,6 +267,7 @@ def complete(schema: dict[str, Any]) -> dict[str, Any]:
                     "schema": {"type": "string", "minLength": 1, "maxLength": 255}})
     for name, definition in defs.items():
         components.setdefault(name, definition)
+    _add_links(schema)
     for unused in ("HTTPValidationError", "ValidationError"):
         components.pop(unused, None)
     schema["x-aigen-complete"] = True

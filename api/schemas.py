@@ -65,7 +65,14 @@ def _user_id(value: str) -> str:
     return value
 
 
-UserId = Annotated[str, StringConstraints(min_length=1, max_length=64)]
+# saga.input_policy.check_user_id as a JSON Schema pattern, exact for ASCII (one segment, no
+# control character, no white space at either end, not . or ..); the Unicode categories the
+# rule also refuses (format, unassigned, private-use...) cannot be written in a pattern.
+_UC, _UE = r"[^\x00-\x1f\x7f/\\]", r"[^\x00-\x20\x7f/\\]"
+_UN = r"[^\x00-\x20\x7f/\\.]"
+USER_ID_PATTERN = rf"^(?:{_UN}|{_UN}{_UE}|{_UE}{_UN}|{_UE}{_UC}{{1,62}}{_UE})$"
+UserId = Annotated[str, StringConstraints(min_length=1, max_length=64),
+                   Field(json_schema_extra={"pattern": USER_ID_PATTERN})]
 OdooUrl = Annotated[str, StringConstraints(min_length=1, max_length=2048)]
 
 
