@@ -36,8 +36,12 @@ from saga.pricing import Plan, Resolution
 __all__ = ["FormatName", "Plan", "State"]  # the saga's literals, re-exported for the routes
 
 _HEX = re.compile(r"^#(?:[0-9a-fA-F]{3}){1,2}$")
-# The amount rule of saga.input_policy.parse_amount, for the OpenAPI document.
-AMOUNT_PATTERN = r"^[0-9]{1,10}(\.[0-9]{1,2})?$"
+# The amount rule of saga.input_policy.parse_amount (ASCII digits, at most two places, more
+# than zero) for the OpenAPI document only: parse_amount itself does the checking.
+AMOUNT_PATTERN = r"^(?![0.]*$)[0-9]{1,10}(\.[0-9]{1,2})?$"
+# A superset of what check_odoo_url accepts, for the document (which hosts are internal is
+# beyond any pattern): a string it does not match is refused.
+ODOO_URL_PATTERN = r"^(?:[hH][tT][tT][pP][sS]?|[sS]3)://[^\s\\@/?#]+(?:[/?#][^\s\\]*)?$"
 METADATA_MAX_BYTES = 4096
 
 Str64 = Annotated[str, StringConstraints(min_length=1, max_length=64)]
@@ -73,7 +77,8 @@ _UN = r"[^\x00-\x20\x7f/\\.]"
 USER_ID_PATTERN = rf"^(?:{_UN}|{_UN}{_UE}|{_UE}{_UN}|{_UE}{_UC}{{1,62}}{_UE})$"
 UserId = Annotated[str, StringConstraints(min_length=1, max_length=64),
                    Field(json_schema_extra={"pattern": USER_ID_PATTERN})]
-OdooUrl = Annotated[str, StringConstraints(min_length=1, max_length=2048)]
+OdooUrl = Annotated[str, StringConstraints(min_length=1, max_length=2048),
+                   Field(json_schema_extra={"pattern": ODOO_URL_PATTERN})]
 
 
 class Style(Strict):
@@ -178,7 +183,7 @@ class SetPlanBody(Strict):
 
 
 class GrantBody(Strict):
-    amount: Annotated[str, Field(max_length=16, pattern=AMOUNT_PATTERN,
+    amount: Annotated[str, Field(max_length=16, json_schema_extra={"pattern": AMOUNT_PATTERN},
                                  description="A positive decimal string of ASCII digits with "
                                              "at most two places, e.g. \"10.00\".",
                                  examples=["10.00"])]

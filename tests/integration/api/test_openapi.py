@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import pytest
@@ -9,6 +10,8 @@ from fastapi.testclient import TestClient
 from openapi_spec_validator import validate
 
 from api.docs import CODE_STATUS
+from api.schemas import AMOUNT_PATTERN
+from saga.input_policy import check_amount
 from tests.conftest import World
 
 pytestmark = pytest.mark.integration
@@ -100,7 +103,11 @@ def test_security_scheme_amounts_cursor_and_metrics(doc: dict[str, Any]) -> None
     grant = doc["paths"]["/api/v1/accounts/{user_id}/grants"]["post"]
     amount = grant["requestBody"]["content"]["application/json"]["schema"]["properties"][
         "amount"]
-    assert amount["pattern"] == "^[0-9]{1,10}(\\.[0-9]{1,2})?$"
+    assert amount["pattern"] == AMOUNT_PATTERN
+    pattern = re.compile(AMOUNT_PATTERN)
+    for value in ("10", "0.01", "10.50", "9999999999.99", "0", "0.00", "1.", "\u0665", "1e2",
+                  "12345678901", "-1", "1.234"):
+        assert (pattern.fullmatch(value) is not None) is (check_amount(value) is None), value
     listing = doc["paths"]["/api/v1/generations"]["get"]
     cursor = next(p for p in listing["parameters"] if p["name"] == "cursor")
     assert "next_cursor" in cursor["description"]
