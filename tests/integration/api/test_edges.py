@@ -72,3 +72,41 @@ def test_metrics_can_require_a_token(pg_world: World) -> None:
         assert_problem(client.get("/metrics", headers=SVC), 401, "unauthorized")
         resp = client.get("/metrics", headers={"Authorization": "Bearer m-token"})
         assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/plain")
+
+
+def _raw_request(port: int, request: bytes) -> bytes:
+    import socket
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(request)
+        chunks = []
+        while True:
+            try:
+                chunk = sock.recv(65536)
+            except (ConnectionResetError, TimeoutError):
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+
+def test_the_real_server_refuses_a_1_mib_header_and_closes(tmp_path: Any) -> None:
+    from tests.integration.rabbit_fixtures import spawn_serve
+
+    serve = spawn_serve({"AIGEN_DATA_DIR": str(tmp_path / "data"), "AIGEN_AMQP_URL": "",
+                         "AIGEN_DATABASE_URL": "", "AIGEN_DEMO_WORKER": "false"},
+                        str(tmp_path / "serve.log"))
+    try:
+        serve.wait_ready()
+        big = b"X-Big: " + b"a" * (1024 * 1024) + b"\r\n"
+        answer = _raw_request(serve.port, b"GET /health/live HTTP/1.1\r\nHost: x\r\n" + big
+                              + b"\r\n")
+        head = answer.split(b"\r\n\r\n", 1)[0].lower()
+        assert head.startswith(b"http/1.1 431"), answer[:300]
+        assert b"connection: close" in head
+        assert b"request_header_fields_too_large" in answer
+        long_target = b"GET /health/live?" + b"q" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n"
+        assert _raw_request(serve.port, long_target).startswith(b"HTTP/1.1 414")
+    finally:
+        serve.proc.terminate()
+        serve.proc.wait(15)
