@@ -20,6 +20,7 @@ from prometheus_client import CollectorRegistry
 from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
 
+from api.asset_links import S3Links
 from api.problems import DOMAIN_STATUS, Problem, field_errors, problem_response, validation_problem
 from saga.commands import StoreResponse
 from saga.errors import DomainError
@@ -67,6 +68,7 @@ class ApiDeps:
     input_asset_hosts: tuple[str, ...] = ()
     public_docs: bool = True  # /docs, /redoc and /openapi.json without a key (AIGEN_PUBLIC_DOCS)
     metrics_token: str | None = None  # if set, /metrics needs it as a bearer token
+    asset_links: S3Links | None = None  # presigned download links for s3:// assets, if set
 
 
 def get_deps(request: Request) -> ApiDeps:

@@ -21,10 +21,12 @@ DEFAULT_AMQP_HOST = "127.0.0.1:5672"
 
 @contextmanager
 def scratch_backends(prefix: str, pg: str = DEFAULT_PG,
-                     amqp_host: str = DEFAULT_AMQP_HOST) -> Iterator[tuple[str, str]]:
+                     amqp_host: str = DEFAULT_AMQP_HOST, *,
+                     migrate_schema: bool = True) -> Iterator[tuple[str, str]]:
     """A migrated database and an empty vhost of their own: (database URL, AMQP URL).
 
-    Both are dropped afterwards, whatever happened.
+    Both are dropped afterwards, whatever happened. With ``migrate_schema=False`` the
+    database is left empty for the caller to migrate (e.g. with another checkout's code).
     """
     tag = uuid.uuid4().hex[:6]
     db, vhost = f"aigen_{prefix}_{tag}", f"aigen-{prefix}-{tag}"
@@ -33,7 +35,8 @@ def scratch_backends(prefix: str, pg: str = DEFAULT_PG,
         conn.execute(text(f'CREATE DATABASE "{db}"'))
     try:
         db_url = pg.rsplit("/", 1)[0] + "/" + db
-        migrate(db_url)
+        if migrate_schema:
+            migrate(db_url)
         subprocess.run(["rabbitmqctl", "-q", "add_vhost", vhost], check=True)
         subprocess.run(["rabbitmqctl", "-q", "set_permissions", "-p", vhost, "guest", ".*",
                         ".*", ".*"], check=True)

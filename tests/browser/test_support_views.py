@@ -5,7 +5,8 @@ from __future__ import annotations
 import uuid
 import xml.etree.ElementTree as ET
 
-from saga.machine import STATES, TERMINAL
+from saga.machine import STATES
+from saga.model import TERMINAL_STATES as TERMINAL
 from tests.browser.conftest import SERVICE_KEY, SUPPORT_KEY, Server
 from tests.browser.helpers import start_generation, wait_for_state
 

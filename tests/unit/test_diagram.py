@@ -16,7 +16,8 @@ from saga.diagram import (
     render_svg,
     taken_from_history,
 )
-from saga.machine import MACHINE, STATES, TERMINAL, TRANSITIONS
+from saga.machine import MACHINE, STATES, TRANSITIONS
+from saga.model import TERMINAL_STATES as TERMINAL
 
 SVG = "{http://www.w3.org/2000/svg}"
 
