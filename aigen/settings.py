@@ -19,6 +19,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from saga.model import SagaConfig
 from saga.pricing import PriceBook
+from saga.retry import RetryPolicy
 
 ROLES = ("service", "support")
 DEV_API_KEYS = "service:dev-service-key,support:dev-support-key"
@@ -78,6 +79,13 @@ class Settings(BaseSettings):
     @property
     def resolved_allow_http_assets(self) -> bool:
         return self.embedded if self.allow_http_assets is None else self.allow_http_assets
+
+    # -- retry policy (saga/retry.py): one budget for everything that repeats a failure
+    retry_base_s: float = Field(0.5, ge=0)
+    retry_max_s: float = Field(30.0, ge=0)
+    retry_jitter: float = Field(0.5, ge=0, le=1)
+    retry_max_attempts: int = Field(8, ge=0)
+    retry_max_elapsed_s: float | None = Field(None, gt=0)
 
     # Presigned download links for s3:// assets (api/asset_links.py); unset endpoint: none.
     s3_endpoint_url: str | None = None  # the S3/MinIO base URL browsers reach
@@ -192,7 +200,17 @@ class Settings(BaseSettings):
                              self.price_final_high, self.free_monthly_sample_rounds),
             bucket=self.storage_bucket,
             allow_http_assets=self.resolved_allow_http_assets,
+            compensation_backoff_base=timedelta(seconds=self.retry_base_s),
+            compensation_backoff_max=timedelta(seconds=self.retry_max_s),
+            compensation_max_tries=self.retry_max_attempts,
+            compensation_jitter=self.retry_jitter,
         )
+
+    def retry_policy(self) -> RetryPolicy:
+        """The one retry policy every retrying component is built with."""
+        return RetryPolicy(base=self.retry_base_s, cap=self.retry_max_s,
+                           jitter=self.retry_jitter, max_attempts=self.retry_max_attempts,
+                           max_elapsed=self.retry_max_elapsed_s)
 
 
 def parse_api_keys(value: str) -> dict[str, str]:

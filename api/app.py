@@ -28,9 +28,11 @@ from api.console import console_router
 from api.deps import MAX_BODY_BYTES, ApiDeps
 from api.docs import install_docs
 from api.problems import Problem, problem_response, validation_problem
-from api.routes import accounts, generations, operations
+from api.routes import accounts, attention, generations, operations
+from api.routes import dead_letters as dead_letters_routes
+from api.routes import support as support_routes
 from api.routes.support_views import support_views_router
-from saga.errors import BillingUnavailable
+from saga.errors import BillingRefused, BillingUnavailable
 from saga.input_policy import check_request_head
 
 log = logging.getLogger(__name__)
@@ -58,7 +60,10 @@ def create_app(deps: ApiDeps) -> FastAPI:
     _add_error_handlers(app)
     for router in (generations.router, accounts.router, operations.router):
         app.include_router(router)
+    app.include_router(support_routes.router)
+    app.include_router(dead_letters_routes.router)
     app.include_router(support_views_router(deps))
+    app.include_router(attention.router)
     app.include_router(console_router(deps))
     if deps.assets_dir is not None:
         deps.assets_dir.mkdir(parents=True, exist_ok=True)
@@ -107,6 +112,12 @@ def _add_error_handlers(app: FastAPI) -> None:
                                 # The server drops the connection after an unhandled error;
                                 # say so, so a pooled client does not reuse it (ECONNRESET).
                                 {"Connection": "close"})
+
+    @app.exception_handler(BillingRefused)
+    async def _billing_refused(request: Request, exc: BillingRefused) -> Response:
+        return problem_response(502, Problem(502, "billing_refused",
+                                             "the billing backend refused the request; "
+                                             "nothing was changed").body(request.url.path))
 
     @app.exception_handler(BillingUnavailable)
     async def _billing_down(request: Request, exc: BillingUnavailable) -> Response:

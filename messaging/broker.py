@@ -22,6 +22,7 @@ from saga.messages import (
     JOBS_QUEUE,
     NOTIFICATION_EXCHANGE,
     RESULTS_QUEUE,
+    UNROUTABLE_QUEUE,
     OutboundMessage,
 )
 
@@ -29,6 +30,9 @@ log = logging.getLogger(__name__)
 
 # After a delivery goes back (database down), its consumer waits this long before the next.
 RETRY_PAUSE_S = 1.0
+# How often a result has been republished after a transient failure (see ResultConsumer).
+ATTEMPTS_HEADER = "x-aigen-attempts"
+ORIGINAL_ROUTING_KEY = "x-original-routing-key"
 
 # (exchange, type) declared at start-up; all durable.
 EXCHANGES = [
@@ -43,7 +47,19 @@ QUEUES: list[tuple[str, dict[str, Any], list[tuple[str, str]]]] = [
     (RESULTS_QUEUE, {"x-dead-letter-exchange": DEAD_LETTER_EXCHANGE},
      [(GENERATION_EXCHANGE, "generation.result.#")]),
     (DEAD_LETTER_QUEUE, {}, [(DEAD_LETTER_EXCHANGE, "")]),
+    # No binding: the publisher sends returned (unroutable) messages here by queue name.
+    (UNROUTABLE_QUEUE, {}, []),
 ]
+
+# Headers on a parked message: where it was going and why it is parked.
+ORIGINAL_EXCHANGE = "x-original-exchange"
+ORIGINAL_ROUTING_KEY = "x-original-routing-key"
+REJECTION_REASON = "x-rejection-reason"
+
+
+def unroutable_headers(exchange: str, routing_key: str) -> dict[str, Any]:
+    return {ORIGINAL_EXCHANGE: exchange, ORIGINAL_ROUTING_KEY: routing_key,
+            REJECTION_REASON: "unroutable: no queue is bound for this routing key"}
 
 
 @dataclass
@@ -53,6 +69,7 @@ class Delivery:
     message_id: str | None = None
     headers: dict[str, Any] = field(default_factory=dict)
     redelivered: bool = False
+    queue: str | None = None  # the queue it was consumed from
 
 
 class Disposition(Enum):
@@ -72,6 +89,10 @@ class Broker(Protocol):
 
     def consume(self, queue: str, handler: Callable[[Delivery], Disposition]) -> None:
         """Start consuming ``queue`` in the background."""
+
+    def redeliver(self, delivery: Delivery, headers: dict[str, Any]) -> None:
+        """Publish ``delivery`` again to the back of its queue with ``headers`` added; return
+        once the broker confirmed it (raise otherwise). The caller then acks the original."""
 
     def healthy(self) -> bool: ...
 

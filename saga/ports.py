@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
@@ -56,6 +57,21 @@ class GenerationRepository(Protocol):
 
     def search(self, *, user_id: str | None, state: str | None, limit: int,
              after: tuple[datetime, str] | None) -> list[Generation]: ...
+
+    # -- parking: by id, without loading the saga (its row may not load at all) ---------
+    def park(self, generation_id: str, kind: str, reason: str, now: datetime) -> bool:
+        """Set ``attention`` and add a ``note``; False if unknown or already parked."""
+
+    def fire_failed(self, generation_id: str, retry_at: Callable[[int], datetime]) -> int:
+        """Count a failed firing, move ``due_at`` to ``retry_at(count)``; the count."""
+
+    def unpark(self, generation_id: str, now: datetime, *, actor: str, reason: str,
+               due_now: bool) -> bool | None:
+        """Clear ``attention`` with a ``note``; None if unknown, False if not parked."""
+
+    def attention(self, limit: int, after: tuple[datetime, str] | None
+                  ) -> list[dict[str, Any]]:
+        """Parked sagas oldest first: generation_id, user_id, state, attention, _since."""
 
 
 class HistoryRepository(Protocol):
@@ -118,6 +134,7 @@ class UnitOfWork(Protocol):
     inbox: Inbox
     billing: Billing
     idempotency: IdempotencyStore
+    dead_letters: DeadLetterStore
 
     def __enter__(self) -> Self: ...
 
@@ -139,3 +156,34 @@ class AlreadyAnswered(Exception):
         super().__init__("idempotency key already answered")
         self.stored = stored
 
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """A message the service could not use, kept so support can replay or discard it."""
+
+    id: str
+    dead_lettered_at: datetime
+    reason: str
+    exchange: str  # where a replay publishes it
+    routing_key: str  # its original routing key
+    generation_id: str | None
+    body: bytes
+    status: str  # open | replayed | discarded
+    resolved_at: datetime | None = None
+    resolved_by: str | None = None
+    resolved_reason: str | None = None
+
+
+class DeadLetterStore(Protocol):
+    def add(self, letter: DeadLetter, message_key: str) -> bool:
+        """Store ``letter``; False (nothing stored) if ``message_key`` is already there."""
+
+    def get(self, dead_letter_id: str, *, for_update: bool = False) -> DeadLetter | None: ...
+
+    def resolve(self, dead_letter_id: str, status: str, at: datetime, by: str,
+                reason: str) -> None: ...
+
+    def search(self, *, status: str | None, limit: int,
+               after: tuple[datetime, str] | None) -> list[DeadLetter]:
+        """Newest first."""

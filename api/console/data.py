@@ -109,7 +109,7 @@ def account(service: Queries, user_id: str) -> dict[str, Any]:
 
 
 def attention(service: Queries) -> Attention:
-    """Parked sagas, oldest first. The service cannot park sagas yet."""
+    """Parked sagas, oldest first (the first 50; the API pages through all of them)."""
     lister = getattr(service, "attention", None)
     if lister is None:
         return Attention(available=False)
@@ -118,7 +118,7 @@ def attention(service: Queries) -> Attention:
 
 
 def dead_letters(service: Queries) -> DeadLetters:
-    """Dead-lettered messages. The service keeps no store of them yet."""
+    """Open dead letters (dead-lettered results, unroutable messages), newest first."""
     lister = getattr(service, "dead_letters", None)
     if lister is None:
         return DeadLetters(available=False)
