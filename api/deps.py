@@ -117,6 +117,7 @@ def account_id(user_id: str) -> str:
 
 
 AccountId = Annotated[str, Depends(account_id)]
+IDEMPOTENCY_SCOPE_MAX = 320  # the width of idempotency_keys.scope
 GENERATION_ID_MAX = 36  # the width of generations.id: a longer id cannot exist
 
 
@@ -205,7 +206,10 @@ def _idempotency(request: Request, role: str, *, required: bool) -> IdempotencyR
     if not 1 <= len(key) <= 255:
         raise Problem(400, "idempotency_key_invalid",
                       "the Idempotency-Key header must be 1 to 255 characters")
-    return IdempotencyRecord(f"{role} {request.method} {request.url.path}", key, "")
+    scope = f"{role} {request.method} {request.url.path}"
+    if len(scope) > IDEMPOTENCY_SCOPE_MAX:  # only a path no resource has is this long
+        raise Problem(404, "not_found", "no such resource")
+    return IdempotencyRecord(scope, key, "")
 
 
 def _replay(idem: IdempotencyRecord, stored: tuple[str, int, Any]) -> Response:

@@ -129,11 +129,30 @@ OPERATION_CODES: dict[tuple[str, str], tuple[str, ...]] = {
     ("post", _ACCOUNT + "/grants"): (*_KEYED, "external_billing", "service_unavailable",
                                      "billing_unavailable"),
     ("get", "/api/v1/state-machine"): (),
+    ("get", "/api/v1/attention"): ("forbidden", "validation_error", "service_unavailable"),
+    ("post", _GEN + "/support/retry"): (*_KEYED, "not_found", "invalid_state",
+                                         "service_unavailable"),
+    ("post", _GEN + "/support/cancel"): (*_KEYED, "not_found", "invalid_state",
+                                          "service_unavailable", "billing_unavailable"),
+    ("post", _GEN + "/support/resolve"): (*_KEYED, "not_found", "invalid_state",
+                                           "service_unavailable"),
+    ("get", "/api/v1/dead-letters"): ("forbidden", "validation_error", "service_unavailable"),
+    ("post", "/api/v1/dead-letters/{dead_letter_id}/replay"): (
+        *_KEYED, "not_found", "invalid_state", "service_unavailable"),
+    ("post", "/api/v1/dead-letters/{dead_letter_id}/discard"): (
+        *_KEYED, "not_found", "invalid_state", "service_unavailable"),
 }
+# An operation missing from the table still gets a plausible set (and the OpenAPI test fails,
+# so that it is added): /openapi.json must never break in production over a new route.
+_DEFAULT_CODES = ("forbidden", "not_found", "validation_error", "service_unavailable")
 # Operations whose body api.deps.Body reads by hand, and which take an Idempotency-Key.
 IDEMPOTENT = {("post", "/api/v1/generations"): True, ("post", _GEN + "/selection"): False,
               ("post", _GEN + "/regenerate"): False, ("post", _GEN + "/cancel"): False,
-              ("put", _ACCOUNT): False, ("post", _ACCOUNT + "/grants"): False}
+              ("put", _ACCOUNT): False, ("post", _ACCOUNT + "/grants"): False,
+              **{("post", _GEN + f"/support/{action}"): False
+                 for action in ("retry", "cancel", "resolve")},
+              **{("post", f"/api/v1/dead-letters/{{dead_letter_id}}/{action}"): False
+                 for action in ("replay", "discard")}}
 
 PROBLEM_SCHEMA: dict[str, Any] = {
     "type": "object", "title": "Problem",
@@ -235,9 +254,7 @@ def complete(schema: dict[str, Any]) -> dict[str, Any]:
                 op["requestBody"] = _hoist_defs(op["requestBody"], defs)
             if not path.startswith("/api/"):
                 continue
-            codes = OPERATION_CODES.get((method, path))
-            if codes is None:
-                raise KeyError(f"{method.upper()} {path}: add its refusals to OPERATION_CODES")
+            codes = OPERATION_CODES.get((method, path), _DEFAULT_CODES)
             by_status: dict[int, list[str]] = {}
             for code in ("unauthorized", *codes, *_EDGE):
                 by_status.setdefault(CODE_STATUS[code], []).append(code)

@@ -189,3 +189,15 @@ def test_allow_listed_asset_host_is_accepted(pg_world: World) -> None:
         # The allow-list is exact: another spelling of an allowed address is still refused.
         assert_invalid(start(client, body(input_assets=["http://0x0a000005/a.png"])),
                        "input_assets.0")
+
+
+@pytest.mark.parametrize("action", ["support/cancel", "support/retry", "support/resolve"])
+def test_an_overlong_id_on_a_keyed_support_call_is_404_not_500(client: TestClient,
+                                                               pg_world: World,
+                                                               action: str) -> None:
+    payload: dict[str, Any] = {"reason": "r"}
+    if action == "support/resolve":
+        payload.update(hold_id="h", outcome="released")
+    resp = client.post(f"{GENERATIONS}/{'x' * 300}/{action}", json=payload,
+                       headers={"Authorization": "Bearer sup-key", **key()})
+    assert_problem(resp, 404, "not_found")

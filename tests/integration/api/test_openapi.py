@@ -9,7 +9,7 @@ import pytest
 from fastapi.testclient import TestClient
 from openapi_spec_validator import validate
 
-from api.docs import CODE_STATUS
+from api.docs import CODE_STATUS, OPERATION_CODES
 from api.schemas import AMOUNT_PATTERN
 from saga.input_policy import check_amount
 from tests.conftest import World
@@ -58,6 +58,11 @@ def test_every_ref_resolves(doc: dict[str, Any]) -> None:
         _resolve(doc, ref)
     assert "$defs" not in str(doc)
     assert "HTTPValidationError" not in str(doc)
+
+
+def test_every_api_operation_has_its_refusals_listed(doc: dict[str, Any]) -> None:
+    listed = set(OPERATION_CODES)
+    assert {(m, p) for m, p, _ in _operations(doc) if p.startswith("/api/")} == listed
 
 
 def test_every_api_operation_documents_its_problems(doc: dict[str, Any]) -> None:
