@@ -466,8 +466,7 @@ def store_dead_letter(ctx: Context, cmd: StoreDeadLetter,
                                 "open")
             if not uow.dead_letters.add(letter, cmd.message_key):
                 return False
-            saga = (uow.generations.get(cmd.generation_id, for_update=True)
-                    if cmd.generation_id else None)
+            saga = _saga_to_note(uow, cmd.generation_id)
             if saga is not None:
                 saga.note("system", {"dead_lettered": letter.id,
                                      "reason": letter.reason[:200],
@@ -529,10 +528,20 @@ def _open_letter(uow: UnitOfWork, dead_letter_id: str) -> DeadLetter:
     return letter
 
 
+def _saga_to_note(uow: UnitOfWork, generation_id: str | None) -> Generation | None:
+    """The saga a dead letter names, to note it in its history; None when unknown or when its
+    row cannot be loaded (a poisoned saga is parked on its own: the letter is kept anyway)."""
+    if not generation_id:
+        return None
+    try:
+        return uow.generations.get(generation_id, for_update=True)
+    except UnloadableSaga:
+        return None
+
+
 def _note_letter(ctx: Context, uow: UnitOfWork, letter: DeadLetter, action: str,
                  reason: str, now: datetime) -> None:
-    saga = (uow.generations.get(letter.generation_id, for_update=True)
-            if letter.generation_id else None)
+    saga = _saga_to_note(uow, letter.generation_id)
     if saga is None:
         return
     saga.note("support", {"action": action, "reason": reason, "dead_letter_id": letter.id,
