@@ -16,6 +16,7 @@ from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 from sqlalchemy import Connection, Engine, text
 
+from aigen import telemetry
 from aigen.demo_worker import DemoWorker, redispatch_unanswered
 from aigen.jobs.dead_letters import DeadLetterDrain
 from aigen.jobs.sweeper import Sweeper
@@ -76,6 +77,7 @@ class Runtime:
             self.demo_worker.stop()
         self.broker.stop()
         self.engine.dispose()
+        telemetry.shutdown()  # flushes the last spans (a no-op when tracing is off)
 
 
 def asset_links(settings: Settings) -> S3Links | None:
@@ -93,10 +95,12 @@ def asset_links(settings: Settings) -> S3Links | None:
 
 def build(settings: Settings, *, broker: Broker | None = None, run_migrations: bool = True
           ) -> Runtime:
+    telemetry.configure()  # on only when OTEL_* asks for it; a no-op the second time
     db_url = settings.resolved_database_url
     if run_migrations:
         migrate(db_url)
     engine = make_engine(db_url, pool_size=settings.db_pool_size)
+    telemetry.instrument_sqlalchemy(engine)
     registry = CollectorRegistry()
     observer = PrometheusObserver(registry)
     retry = settings.retry_policy()  # the one retry policy (saga/retry.py)
@@ -109,7 +113,7 @@ def build(settings: Settings, *, broker: Broker | None = None, run_migrations: b
 
     store = SqlOutboxStore(engine)
     relay = OutboxRelay(store, broker, observer, batch_size=settings.relay_batch_size,
-                        retry=retry)
+                        retry=retry, tracer=telemetry)
     billing_factory: Callable[[Connection], Billing] = SqlLedger
     reap: Callable[[datetime], int] | None = None
     if settings.billing_url:
@@ -124,8 +128,9 @@ def build(settings: Settings, *, broker: Broker | None = None, run_migrations: b
     def uow_factory() -> SqlUnitOfWork:
         return SqlUnitOfWork(engine, billing_factory, after_commit=relay.wake)
 
-    bus = MessageBus(uow_factory, settings.saga_config(), observer=observer, retry=retry)
-    consumer = ResultConsumer(bus, broker, observer, retry)
+    bus = MessageBus(uow_factory, settings.saga_config(), observer=observer, retry=retry,
+                     tracer=telemetry)
+    consumer = ResultConsumer(bus, broker, observer, retry, tracer=telemetry)
     sweeper = Sweeper(bus, engine, settings.sweeper_interval_s, reap, retry)
     observer.gauge("aigen_outbox_backlog", "Outbox rows not yet confirmed by the broker",
                    store.backlog)
@@ -147,5 +152,6 @@ def build(settings: Settings, *, broker: Broker | None = None, run_migrations: b
         registry=registry, assets_dir=assets_dir, worker_threads=settings.db_pool_size,
         input_asset_hosts=settings.input_asset_host_list, public_docs=settings.public_docs,
         metrics_token=settings.metrics_token or None, asset_links=asset_links(settings)))
+    telemetry.instrument_fastapi(app)
     return Runtime(settings, engine, bus, broker, relay, consumer, sweeper, app, registry,
                    demo_worker, DeadLetterDrain(bus, broker))

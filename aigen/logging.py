@@ -6,11 +6,14 @@ import logging
 
 import structlog
 
+from aigen import telemetry
+
 
 def configure(level: str = "INFO", json: bool = False) -> None:
     processors: list[structlog.types.Processor] = [
         structlog.stdlib.add_log_level,
         structlog.stdlib.add_logger_name,
+        telemetry.add_trace_ids,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
     renderer: structlog.types.Processor = (

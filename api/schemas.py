@@ -259,6 +259,9 @@ class HistoryEvent(Out):
     to_state: str | None
     actor: str
     detail: dict[str, Any]
+    trace_id: str | None = Field(
+        default=None, description="OpenTelemetry trace id the event was written in "
+        "(32 hex digits); null when tracing is off")
 
 
 class HistoryOut(Out):

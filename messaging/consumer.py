@@ -31,8 +31,10 @@ from saga.handlers import UNKNOWN_GENERATION
 from saga.input_policy import JsonInvalid, JsonTooDeep, loads_bounded
 from saga.inputs import find_nul
 from saga.messagebus import MessageBus
+from saga.messages import RESULTS_QUEUE
 from saga.observer import Observer
 from saga.retry import RetryPolicy, classify
+from saga.tracing import NullTracer, Tracer
 
 log = logging.getLogger(__name__)
 MAX_RESULT_BYTES = 256 * 1024
@@ -55,14 +57,31 @@ def attempts_of(delivery: Delivery) -> int:
 
 class ResultConsumer:
     def __init__(self, bus: MessageBus, broker: Broker, observer: Observer,
-                 retry: RetryPolicy | None = None) -> None:
+                 retry: RetryPolicy | None = None, tracer: Tracer | None = None) -> None:
         self.bus = bus
         self.broker = broker
         self.observer = observer
+        self.tracer: Tracer = tracer or NullTracer()
         policy = retry or bus.ctx.retry
         self.retry = policy.limited(cap=min(policy.cap, MAX_REDELIVERY_PAUSE_S))
 
     def handle(self, delivery: Delivery) -> Disposition:
+        """Apply one delivery, in a CONSUMER span that continues the job's trace."""
+        if not self.tracer.enabled():
+            return self._handle(delivery)
+        parent, generation_id = _trace_source(delivery)
+        with self.tracer.span(
+                f"{RESULTS_QUEUE} process", parent=parent, kind="consumer",
+                attributes={"messaging.system": "rabbitmq",
+                            "messaging.operation.type": "process",
+                            "messaging.destination.name": RESULTS_QUEUE,
+                            "messaging.rabbitmq.destination.routing_key": delivery.routing_key,
+                            "messaging.message.id": delivery.message_id},
+                generation_id=generation_id):
+            log.debug("result %s for generation %s", delivery.routing_key, generation_id)
+            return self._handle(delivery)
+
+    def _handle(self, delivery: Delivery) -> Disposition:
         command_or_reason = parse_result(delivery.body)
         if isinstance(command_or_reason, str):
             self._dead_letter(delivery, command_or_reason)
@@ -114,9 +133,28 @@ class ResultConsumer:
             FAILURE_LOG.failed("parking a saga", f"{generation_id}: {exc}")
 
     def _dead_letter(self, delivery: Delivery, reason: str) -> None:
+        self.tracer.span_event("message refused", reason=reason)
         self.observer.count("dead_lettered", reason=reason.split(":")[0])
         FAILURE_LOG.failed("results dead-lettered", reason[:200])
         self.broker.dead_letter(delivery, reason)
+
+
+def _trace_source(delivery: Delivery) -> tuple[Any, str | None]:
+    """(parent, generation id) of a delivery: the body's ``trace`` (n8n copies the job's),
+    else the AMQP ``traceparent`` header. Parses the body a second time, only with tracing
+    on; anything malformed just starts a new trace (``parse_result`` decides refusals)."""
+    data: Any = None
+    if len(delivery.body) <= MAX_RESULT_BYTES:
+        try:
+            data = loads_bounded(delivery.body, MAX_RESULT_DEPTH)
+        except (JsonInvalid, JsonTooDeep):
+            data = None
+    if not isinstance(data, dict):
+        return delivery.headers, None
+    generation_id = data.get("generation_id")
+    trace = data.get("trace")
+    parent = trace if isinstance(trace, dict) and trace.get("traceparent") else delivery.headers
+    return parent, generation_id if isinstance(generation_id, str) else None
 
 
 def parse_result(body: bytes) -> ApplyResult | str:

@@ -7,9 +7,11 @@ While the broker is down the rows simply stay, and the relay backs off.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from typing import Protocol
 
 from messaging.broker import Broker
@@ -17,6 +19,7 @@ from saga.failures import FAILURE_LOG
 from saga.messages import OutboundMessage
 from saga.observer import Observer
 from saga.retry import RetryPolicy
+from saga.tracing import NullTracer, Tracer
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +38,10 @@ class OutboxRelay:
     def __init__(self, store: OutboxStore, broker: Broker, observer: Observer, *,
                  batch_size: int = 500, idle_interval: float = 0.05,
                  coalesce: float = 0.005, max_backoff: float = 5.0,
-                 retry: RetryPolicy | None = None) -> None:
+                 retry: RetryPolicy | None = None,
+                 tracer: Tracer | None = None) -> None:
         self.store = store
+        self.tracer: Tracer = tracer or NullTracer()
         self.broker = broker
         self.observer = observer
         self.batch_size = batch_size
@@ -57,7 +62,35 @@ class OutboxRelay:
         return self.store.relay_batch(self.batch_size, self._publish)
 
     def _publish(self, messages: Sequence[OutboundMessage]) -> list[bool]:
-        confirmed = self.broker.publish(messages)
+        if any(m.traceparent for m in messages):  # rows written with tracing on
+            with ExitStack() as spans:
+                return self._count(self.broker.publish(self._traced(messages, spans)))
+        return self._count(self.broker.publish(messages))
+
+    def _traced(self, messages: Sequence[OutboundMessage], spans: ExitStack
+                ) -> list[OutboundMessage]:
+        """One PRODUCER span per message, continuing the trace of the transaction that wrote
+        the row (this thread has no context of its own); the message carries the span's
+        traceparent. The spans end once the broker has confirmed the batch."""
+        traced = []
+        for m in messages:
+            if m.traceparent:
+                spans.enter_context(self.tracer.span(
+                    f"{m.exchange} publish", parent=m.traceparent, kind="producer",
+                    attributes={"messaging.system": "rabbitmq",
+                                "messaging.operation.type": "publish",
+                                "messaging.destination.name": m.exchange,
+                                "messaging.rabbitmq.destination.routing_key": m.routing_key,
+                                "messaging.message.id": m.message_id},
+                    generation_id=m.correlation_id))
+                log.debug("publishing %s %s for generation %s", m.type, m.message_id,
+                          m.correlation_id)
+                m = dataclasses.replace(
+                    m, traceparent=self.tracer.current_traceparent() or m.traceparent)
+            traced.append(m)
+        return traced
+
+    def _count(self, confirmed: list[bool]) -> list[bool]:
         sent = sum(confirmed)
         self.observer.count("outbox_published", outcome="confirmed") if sent else None
         return confirmed

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
@@ -40,6 +40,9 @@ class _Result(_Msg):
     generation_id: Id
     job_id: Id
     event_id: Id | None = None
+    # {"traceparent": "00-…"}, copied from the job (tracing). Never validated: a missing or
+    # malformed one only starts a new trace, it is no reason to refuse the result.
+    trace: Any = None
 
 
 class SamplesReady(_Result):

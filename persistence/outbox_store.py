@@ -26,7 +26,7 @@ class SqlOutboxStore:
                 return 0
             messages = [
                 OutboundMessage(r.exchange, r.routing_key, r.message_id, r.correlation_id,
-                                r.type, {}, payload=r.body.encode())
+                                r.type, {}, payload=r.body.encode(), traceparent=r.traceparent)
                 for r in rows
             ]
             confirmed = publish(messages)

@@ -98,6 +98,7 @@ generation_events = Table(
     Column("to_state", String(32), nullable=True),
     Column("actor", String(16), nullable=False),
     Column("detail", JSONType, nullable=False),
+    Column("trace_id", String(32), nullable=True),  # the trace it was written in
     UniqueConstraint("generation_id", "seq"),
 )
 
@@ -115,6 +116,7 @@ outbox = Table(
     Column("sent_at", UTCDateTime, nullable=True),
     Column("attempts", Integer, nullable=False, default=0),
     Column("last_error", String(255), nullable=True),
+    Column("traceparent", String(55), nullable=True),  # W3C context of the writing span
     Index("ix_outbox_unsent", "id", postgresql_where=text("sent_at IS NULL"),
           sqlite_where=text("sent_at IS NULL")),
 )

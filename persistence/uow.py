@@ -42,7 +42,7 @@ _BODY_FIELDS = (
     "project_id", "prompt", "negative_prompt", "format", "style", "brand", "input_assets",
     "sample_count", "metadata", "samples", "selected_sample_id", "resolution", "final_asset",
     "error", "stage", "attempt", "job_id", "hold", "round", "due_kind", "compensation",
-    "history_seq",
+    "history_seq", "due_traceparent",
 )
 _MONEY_FIELDS = ("held", "charged", "released")
 
@@ -203,7 +203,8 @@ class SqlHistory:
         self.pending.append({
             "generation_id": generation_id, "seq": seq, "at": at, "kind": entry.kind,
             "trigger": entry.trigger, "from_state": entry.from_state,
-            "to_state": entry.to_state, "actor": entry.actor, "detail": entry.detail})
+            "to_state": entry.to_state, "actor": entry.actor, "detail": entry.detail,
+            "trace_id": entry.trace_id})
 
     def flush(self) -> None:
         if self.pending:
@@ -218,7 +219,7 @@ class SqlHistory:
         return [
             {"seq": r.seq, "at": iso(r.at), "kind": r.kind, "trigger": r.trigger,
              "from_state": r.from_state, "to_state": r.to_state, "actor": r.actor,
-             "detail": r.detail}
+             "detail": r.detail, "trace_id": r.trace_id}
             for r in rows
         ]
 
@@ -235,7 +236,7 @@ class SqlOutbox:
             "exchange": message.exchange, "routing_key": message.routing_key,
             "message_id": message.message_id, "correlation_id": message.correlation_id,
             "type": message.type, "body": message.encode().decode(), "created_at": at,
-            "attempts": 0})
+            "attempts": 0, "traceparent": message.traceparent})
 
     def flush(self) -> None:
         if self.pending:

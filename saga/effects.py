@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -30,6 +31,7 @@ from saga.observer import NullObserver, Observer
 from saga.ports import HoldRequest, UnitOfWork
 from saga.pricing import ZERO, fmt, month_key
 from saga.retry import RetryPolicy
+from saga.tracing import NullTracer, Tracer
 
 T = TypeVar("T")
 
@@ -48,6 +50,7 @@ class Context:
     observer: Observer = field(default_factory=NullObserver)
     max_conflict_retries: int = 8
     retry: RetryPolicy = field(default_factory=RetryPolicy)  # AIGEN_RETRY_* (saga/retry.py)
+    tracer: Tracer = field(default_factory=NullTracer)
 
     def retrying(self, attempt: Callable[[], T]) -> T:
         """Run ``attempt`` again when another writer moved the saga on meanwhile."""
@@ -61,6 +64,17 @@ class Context:
 
 def transition(ctx: Context, uow: UnitOfWork, saga: Generation, payload: tg.Trigger,
                actor: it.Actor, now: datetime, plan: str | None = None) -> bool:
+    """Fire ``payload`` and make its intents durable, in a ``transition <trigger>`` span."""
+    with ctx.tracer.span("transition " + payload.name, generation_id=saga.id,
+                         trigger=payload.name, from_state=saga.state,
+                         attempt=saga.attempt) as span:
+        fired = _transition(ctx, uow, saga, payload, actor, now, plan)
+        span.set_attribute("aigen.to_state", saga.state)
+        return fired
+
+
+def _transition(ctx: Context, uow: UnitOfWork, saga: Generation, payload: tg.Trigger,
+                actor: it.Actor, now: datetime, plan: str | None = None) -> bool:
     """Fire ``payload`` and make its intents durable; False if a guard refused it.
 
     When a release cannot reach the external billing backend, the transition is undone
@@ -137,6 +151,9 @@ class Applying:
 
     def history(self, entry: it.HistoryEntry) -> None:
         self.saga.history_seq += 1
+        trace_id = self.ctx.tracer.current_trace_id()
+        if trace_id is not None:
+            entry = replace(entry, trace_id=trace_id)
         self.uow.history.append(self.saga.id, self.saga.history_seq, self.now, entry)
 
     def credit(self, op: str, hold_id: str | None, amount: Decimal, stage: str) -> None:
@@ -145,7 +162,18 @@ class Applying:
             detail={"op": op, "hold_id": hold_id, "amount": fmt(amount), "stage": stage}))
         self.ctx.observer.count("credits", op=op)
 
+    def credit_span(self, step: str, amount: Decimal, stage: str
+                    ) -> AbstractContextManager[Any]:
+        """A ``credits <step>`` span: CLIENT when an external billing backend answers it."""
+        return self.ctx.tracer.span(
+            "credits " + step, kind="client" if self.uow.billing.may_be_unavailable
+            else "internal", generation_id=self.saga.id, step=step, amount=amount,
+            stage=stage)  # the tracer formats the amount, only when tracing is on
+
     def send(self, msg: OutboundMessage, **detail: Any) -> None:
+        traceparent = self.ctx.tracer.current_traceparent()
+        if traceparent is not None:  # the relay's publish span continues this trace
+            msg = replace(msg, traceparent=traceparent)
         self.uow.outbox.add(msg, self.now)
         self.history(it.HistoryEntry(
             kind="message_out", actor="system",
@@ -157,15 +185,18 @@ def _reserve(a: Applying, intent: it.Reserve) -> None:
     prices = a.ctx.config.prices
     quota = (prices.free_monthly_sample_rounds
              if prices.quota_applies(a.plan or "free", intent.stage) else None)
-    a.uow.billing.reserve(
-        HoldRequest(intent.hold_id, a.saga.user_id, a.saga.id, intent.stage, intent.amount,
-                    a.now),
-        quota=quota, month=month_key(a.now.year, a.now.month))
+    with a.credit_span("reserve", intent.amount, intent.stage):
+        a.uow.billing.reserve(
+            HoldRequest(intent.hold_id, a.saga.user_id, a.saga.id, intent.stage,
+                        intent.amount, a.now),
+            quota=quota, month=month_key(a.now.year, a.now.month))
     a.credit("reserve", intent.hold_id, intent.amount, intent.stage)
 
 
 def _commit(a: Applying, intent: it.Commit) -> None:
-    if a.uow.billing.settle(intent.hold_id, commit=True, at=a.now):
+    with a.credit_span("commit", intent.amount, intent.stage):
+        settled = a.uow.billing.settle(intent.hold_id, commit=True, at=a.now)
+    if settled:
         a.credit("commit", intent.hold_id, intent.amount, intent.stage)
     else:
         a.saga.charged -= intent.amount  # the model counted it; nothing was charged
@@ -173,7 +204,9 @@ def _commit(a: Applying, intent: it.Commit) -> None:
 
 
 def _release(a: Applying, intent: it.Release) -> None:
-    if a.uow.billing.settle(intent.hold_id, commit=False, at=a.now):
+    with a.credit_span("release", intent.amount, intent.stage):
+        settled = a.uow.billing.settle(intent.hold_id, commit=False, at=a.now)
+    if settled:
         a.credit("release", intent.hold_id, intent.amount, intent.stage)
     else:
         a.saga.released -= intent.amount
@@ -202,7 +235,8 @@ def _dispatch(a: Applying, intent: it.DispatchJob) -> None:
     cfg = a.ctx.config
     a.send(job_message(a.saga, stage=intent.stage, job_id=intent.job_id,
                        attempt=intent.attempt, now=a.now, bucket=cfg.bucket,
-                       sample_size=cfg.sample_size),
+                       sample_size=cfg.sample_size,
+                       traceparent=a.ctx.tracer.current_traceparent()),
            job_id=intent.job_id, stage=intent.stage, attempt=intent.attempt)
 
 
@@ -234,4 +268,7 @@ def apply_intents(ctx: Context, uow: UnitOfWork, saga: Generation, pending: list
     applying = Applying(ctx, uow, saga, now, plan)
     for intent in pending:
         APPLIERS[type(intent)](applying, intent)
+    if saga.due_at != saga.traced_due_at:  # a timer (re-)armed here: its fire span joins us
+        saga.due_traceparent = ctx.tracer.current_traceparent() if saga.due_at else None
+        saga.traced_due_at = saga.due_at
     uow.generations.save(saga)

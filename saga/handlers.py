@@ -361,18 +361,21 @@ def _fire_one_due(ctx: Context) -> bool:
             claimed = saga.id
             due_kind = saga.due_kind
             kind = "compensation" if due_kind == "compensate" else "timer"
-            try:
-                fired = transition(ctx, uow, saga, _timer_payload(saga), "timer", now)
-            except InvalidState:
-                fired = False
-            if not fired:
-                # A timer the saga no longer accepts must not be claimed again and again.
-                saga.due_at = saga.due_kind = None
-                saga.note("timer", {"ignored_timer": due_kind, "state": saga.state})
-                apply_intents(ctx, uow, saga, saga.take_pending(), now)
-            ctx.observer.count("deadlines", kind=str(due_kind))
-            uow.commit()
-            return True
+            # A child of the transition that armed the timer, linked to it: one trace per saga.
+            with ctx.tracer.link_to(saga.due_traceparent, "timer fired",
+                                    generation_id=saga.id, timer=due_kind):
+                try:
+                    fired = transition(ctx, uow, saga, _timer_payload(saga), "timer", now)
+                except InvalidState:
+                    fired = False
+                if not fired:
+                    # A timer the saga no longer accepts must not be claimed again and again.
+                    saga.due_at = saga.due_kind = None
+                    saga.note("timer", {"ignored_timer": due_kind, "state": saga.state})
+                    apply_intents(ctx, uow, saga, saga.take_pending(), now)
+                ctx.observer.count("deadlines", kind=str(due_kind))
+                uow.commit()
+                return True
     except ConcurrencyConflict:
         raise  # another writer moved the saga on: ctx.retrying fires it again
     except Exception as exc:

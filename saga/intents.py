@@ -25,6 +25,7 @@ class HistoryEntry:
     from_state: str | None = None
     to_state: str | None = None
     detail: dict[str, Any] = field(default_factory=dict)
+    trace_id: str | None = None  # the trace it was written in (None with tracing off)
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from saga.model import SagaConfig
 from saga.observer import Observer
 from saga.ports import IdempotencyRecord, UnitOfWork
 from saga.retry import RetryPolicy
+from saga.tracing import Tracer
 
 Handler = Callable[[Context, Any, IdempotencyRecord | None], Any]
 
@@ -47,12 +48,15 @@ class MessageBus:
 
     def __init__(self, uow_factory: Callable[[], UnitOfWork], config: SagaConfig,
                  clock: Callable[[], datetime] = utcnow, observer: Observer | None = None,
-                 retry: RetryPolicy | None = None) -> None:
+                 retry: RetryPolicy | None = None,
+                 tracer: Tracer | None = None) -> None:
         self.ctx = Context(uow_factory, config, clock)
         if retry is not None:
             self.ctx.retry = retry
         if observer is not None:
             self.ctx.observer = observer
+        if tracer is not None:
+            self.ctx.tracer = tracer
 
     def handle(self, cmd: object, idem: IdempotencyRecord | None = None) -> Any:
         """Run ``cmd``'s handler; ``idem`` makes an Odoo command replayable by its key."""

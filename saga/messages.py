@@ -35,6 +35,7 @@ class OutboundMessage:
     type: str
     body: dict[str, Any]
     payload: bytes | None = None  # the encoded body, when read back from the outbox
+    traceparent: str | None = None  # W3C trace context, sent as the AMQP header traceparent
 
     def encode(self) -> bytes:
         if self.payload is not None:
@@ -47,7 +48,8 @@ def iso(at: datetime) -> str:
 
 
 def job_message(saga: Generation, *, stage: str, job_id: str, attempt: int, now: datetime,
-                bucket: str, sample_size: int) -> OutboundMessage:
+                bucket: str, sample_size: int, traceparent: str | None = None
+                ) -> OutboundMessage:
     event_id = new_id()
     final = stage == "final"
     selected = saga.sample(saga.selected_sample_id) if final and saga.selected_sample_id else None
@@ -79,8 +81,10 @@ def job_message(saga: Generation, *, stage: str, job_id: str, attempt: int, now:
         "reply": {"exchange": GENERATION_EXCHANGE, "routing_key_prefix": RESULT_ROUTING_PREFIX},
         "deadline_at": iso(saga.due_at) if saga.due_at else None,
     }
+    if traceparent is not None:  # n8n reads only bodies; it copies this into its results
+        body["trace"] = {"traceparent": traceparent}
     return OutboundMessage(GENERATION_EXCHANGE, JOB_ROUTING_PREFIX + stage, event_id, saga.id,
-                           "AIGenerationJobRequested", body)
+                           "AIGenerationJobRequested", body, traceparent=traceparent)
 
 
 def notification_message(saga: Generation, *, type_: str, message: str, data: dict[str, Any],

@@ -149,7 +149,15 @@ class Generation:
     history_seq: int = 0
     # Parked for support: {"reason", "since" (iso-8601), "kind"}; kept in columns, not the body.
     attention: dict[str, Any] | None = None
+    # W3C traceparent of the transition that armed ``due_at`` (None with tracing off): the
+    # span of the fired timer continues that trace. ``traced_due_at`` (transient) is the
+    # deadline it belongs to, so a transition that re-arms the timer replaces it.
+    due_traceparent: str | None = None
     pending: list[it.Intent] = field(default_factory=list)
+    traced_due_at: datetime | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.traced_due_at = self.due_at
 
     # -- read helpers ---------------------------------------------------------------------
     @property

@@ -66,6 +66,8 @@ def result_body(job: dict[str, Any], reply: Reply) -> tuple[str, bytes]:
         return "samples_ready", reply.raw or b"{not json"
     else:
         raise ValueError(reply.kind)
+    if "trace" in job:  # like the shipped workflow: the job's trace context goes back
+        body["trace"] = job["trace"]
     suffix = {"samples_ready": "samples_ready", "final_ready": "final_ready",
               "failed": "failed", "progress": "progress"}[reply.kind]
     return suffix, json.dumps(body).encode()

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
+from aigen import telemetry
 from messaging.broker import (
     ORIGINAL_EXCHANGE,
     ORIGINAL_ROUTING_KEY,
@@ -104,8 +105,15 @@ class DeadLetterDrain:
 
     def handler(self, queue: str) -> Callable[[Delivery], Disposition]:
         def handle(delivery: Delivery) -> Disposition:
-            # Raising (database down) hands the message back to the broker: nothing is lost.
-            self.bus.handle(to_command(delivery, queue, self.clock()))
+            # In the trace of the message (its traceparent header survives parking), so the
+            # history note it may write joins the generation's trace.
+            with telemetry.span(f"{queue} process", parent=delivery.headers, kind="consumer",
+                                attributes={"messaging.system": "rabbitmq",
+                                            "messaging.operation.type": "process",
+                                            "messaging.destination.name": queue,
+                                            "messaging.message.id": delivery.message_id}):
+                # Raising (database down) hands the message back to the broker.
+                self.bus.handle(to_command(delivery, queue, self.clock()))
             return Disposition.ACK
         return handle
 

@@ -239,7 +239,11 @@ def console_router(deps: Any) -> APIRouter:
         }
         return page(request, session, "generation.html", title=f"Generation {generation_id}",
                     g=view, svg=svg, lines=timeline(hist["events"]), holds=holds,
-                    offered=offered, done=request.query_params.get("done"))
+                    offered=offered, done=request.query_params.get("done"),
+                    # OpenTelemetry trace ids in the history, first one first (a support
+                    # action from the console starts a trace of its own)
+                    traces=list(dict.fromkeys(e["trace_id"] for e in hist["events"]
+                                              if e.get("trace_id"))))
 
     @router.get("/accounts")
     async def account_lookup(request: Request, user_id: str = "") -> Response:

@@ -90,7 +90,9 @@ class AsyncPublisher:
 
     def publish(self, messages: Sequence[OutboundMessage]) -> list[bool]:
         return self._send([_Outgoing(m.exchange, m.routing_key, m.encode(),
-                                     properties(m.message_id, m.correlation_id, m.type))
+                                     properties(m.message_id, m.correlation_id, m.type,
+                                                {"traceparent": m.traceparent}
+                                                if m.traceparent else None))
                            for m in messages])
 
     def publish_raw(self, exchange: str, routing_key: str, body: bytes,
