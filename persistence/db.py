@@ -8,6 +8,8 @@ from typing import Any
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 
+from persistence.sql import json_dumps, json_loads
+
 
 def normalize_url(url: str) -> str:
     """Map plain ``postgresql://`` (and ``postgres://``) to the psycopg2 driver.
@@ -31,13 +33,18 @@ def make_engine(url: str, *, pool_size: int = 10, echo: bool = False) -> Engine:
         engine = create_engine(
             url, echo=echo, connect_args={"check_same_thread": False, "timeout": 30},
             pool_size=pool_size, max_overflow=pool_size,
+            json_serializer=json_dumps, json_deserializer=json_loads,
         )
         _tune_sqlite(engine)
         return engine
     # No pre-ping: it costs a round trip per transaction. After a database restart the first
     # use of a stale connection fails (API: 503, consumer: redelivery) and the pool recovers.
+    # The pool should hold a connection for every thread that uses one at the same time:
+    # overflow connections are opened and closed again (a backend fork and an
+    # authentication each), so they are a safety margin, not the working set.
     kwargs: dict[str, Any] = {"pool_size": pool_size, "max_overflow": pool_size,
-                              "pool_recycle": 1800}
+                              "pool_recycle": 1800, "json_serializer": json_dumps,
+                              "json_deserializer": json_loads}
     return create_engine(url, echo=echo, **kwargs)
 
 
