@@ -32,12 +32,17 @@ class OutboxStore(Protocol):
 class OutboxRelay:
     def __init__(self, store: OutboxStore, broker: Broker, observer: Observer, *,
                  batch_size: int = 500, idle_interval: float = 0.05,
-                 coalesce: float = 0.005, max_backoff: float = 5.0) -> None:
+                 max_idle_interval: float = 2.0, coalesce: float = 0.005,
+                 max_backoff: float = 5.0) -> None:
         self.store = store
         self.broker = broker
         self.observer = observer
         self.batch_size = batch_size
         self.idle_interval = idle_interval
+        # Polls while nothing arrives back off from idle_interval to max_idle_interval: this
+        # process's commits wake the relay at once, so the slow poll only bounds how late rows
+        # of another process (one that died before relaying them) are picked up.
+        self.max_idle_interval = max(idle_interval, max_idle_interval)
         self.coalesce = coalesce
         self.max_backoff = max_backoff
         self._stop = threading.Event()
@@ -63,6 +68,7 @@ class OutboxRelay:
 
     def _run(self) -> None:
         backoff = 0.0
+        idle = self.idle_interval
         while not self._stop.is_set():
             try:
                 claimed = self.run_once()
@@ -72,11 +78,13 @@ class OutboxRelay:
                 log.warning("outbox relay: %s; retrying in %.1fs", exc, backoff)
                 self._stop.wait(backoff)
                 continue
+            idle = self.idle_interval if claimed else min(idle * 2, self.max_idle_interval)
             if claimed < self.batch_size:
-                if self._wake.wait(self.idle_interval):
+                if self._wake.wait(idle):
                     # Let the commits landing right now join this batch: under load a batch
                     # of many rows costs little more than a batch of one.
                     self._stop.wait(self.coalesce)
+                    idle = self.idle_interval
                 self._wake.clear()
 
     def stop(self) -> None:
