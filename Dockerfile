@@ -14,7 +14,8 @@ COPY persistence persistence
 COPY aigen aigen
 # Every dependency ships a wheel (psycopg2-binary, pillow, ...): no compiler is needed. pip and
 # setuptools are removed from the runtime venv so the final image carries no build tooling.
-RUN /opt/aigen/bin/pip install . \
+# The s3 extra (botocore) signs download links for a real n8n's s3:// assets (AIGEN_S3_*).
+RUN /opt/aigen/bin/pip install ".[s3]" \
     && /opt/aigen/bin/pip uninstall -y pip setuptools
 
 FROM python:3.11.11-slim-bookworm

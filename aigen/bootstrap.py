@@ -21,6 +21,7 @@ from aigen.jobs.sweeper import Sweeper
 from aigen.metrics import PrometheusObserver
 from aigen.settings import Settings
 from api.app import ApiDeps, create_app
+from api.asset_links import S3LinkConfig, S3Links
 from messaging.broker import Broker
 from messaging.consumer import ResultConsumer
 from messaging.inprocess import InProcessBroker
@@ -73,6 +74,19 @@ class Runtime:
         self.engine.dispose()
 
 
+def asset_links(settings: Settings) -> S3Links | None:
+    """Presigned download links for s3:// assets, when ``AIGEN_S3_ENDPOINT_URL`` is set."""
+    if settings.s3_endpoint_url is None:
+        return None
+    assert settings.s3_access_key_id and settings.s3_secret_access_key  # checked by Settings
+    return S3Links(S3LinkConfig(
+        endpoint_url=settings.s3_endpoint_url, region=settings.s3_region,
+        access_key_id=settings.s3_access_key_id,
+        secret_access_key=settings.s3_secret_access_key.get_secret_value(),
+        ttl_s=settings.s3_presign_ttl_s, bucket=settings.storage_bucket,
+        addressing_style=settings.s3_addressing_style))
+
+
 def build(settings: Settings, *, broker: Broker | None = None, run_migrations: bool = True
           ) -> Runtime:
     db_url = settings.resolved_database_url
@@ -122,6 +136,7 @@ def build(settings: Settings, *, broker: Broker | None = None, run_migrations: b
     app = create_app(ApiDeps(
         bus=bus, queries=Queries(uow_factory), api_keys=settings.resolved_api_keys(),
         readiness={"database": database_ready, "broker": broker.healthy},
-        registry=registry, assets_dir=assets_dir, worker_threads=settings.db_pool_size))
+        registry=registry, assets_dir=assets_dir, worker_threads=settings.db_pool_size,
+        asset_links=asset_links(settings)))
     return Runtime(settings, engine, bus, broker, relay, consumer, sweeper, app, registry,
                    demo_worker)

@@ -7,11 +7,14 @@ list is in the README's configuration table.
 
 from __future__ import annotations
 
+import importlib.util
 from datetime import timedelta
 from decimal import Decimal
 from pathlib import Path
+from typing import Literal
+from urllib.parse import urlsplit
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from saga.model import SagaConfig
@@ -62,6 +65,14 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     log_json: bool = False
 
+    # Presigned download links for s3:// assets (api/asset_links.py); unset endpoint: none.
+    s3_endpoint_url: str | None = None  # the S3/MinIO base URL browsers reach
+    s3_region: str = Field("us-east-1", min_length=1)
+    s3_access_key_id: str | None = None
+    s3_secret_access_key: SecretStr | None = None
+    s3_presign_ttl_s: int = Field(3600, ge=1, le=604800)  # SigV4 allows at most 7 days
+    s3_addressing_style: Literal["path", "virtual"] = "path"
+
     @field_validator("api_keys")
     @classmethod
     def _check_keys(cls, value: str | None) -> str | None:
@@ -96,6 +107,37 @@ class Settings(BaseSettings):
         if value.upper() not in LOG_LEVELS:
             raise ValueError(f"expected one of {', '.join(LOG_LEVELS)}")
         return value.upper()
+
+    @field_validator("s3_endpoint_url")
+    @classmethod
+    def _check_s3_endpoint(cls, value: str | None) -> str | None:
+        if not value:
+            return None
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname \
+                or parts.path.strip("/") or parts.query or parts.fragment or parts.username:
+            raise ValueError("expected an http:// or https:// base URL with no path, "
+                             "e.g. https://minio.example.com")
+        return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _s3_links_complete(self) -> Settings:
+        keys = {"AIGEN_S3_ACCESS_KEY_ID": self.s3_access_key_id,
+                "AIGEN_S3_SECRET_ACCESS_KEY": self.s3_secret_access_key}
+        if self.s3_endpoint_url is None:
+            given = [name for name, v in keys.items() if v]
+            if given:
+                raise ValueError(f"{' and '.join(given)} set without AIGEN_S3_ENDPOINT_URL "
+                                 "(the S3 base URL browsers reach)")
+            return self
+        missing = [name for name, v in keys.items() if not v]
+        if missing:
+            raise ValueError(f"AIGEN_S3_ENDPOINT_URL is set: {' and '.join(missing)} "
+                             "must be set too")
+        if importlib.util.find_spec("botocore") is None:
+            raise ValueError("AIGEN_S3_ENDPOINT_URL is set but botocore is not installed: "
+                             "pip install 'aigen-orchestrator[s3]'")
+        return self
 
     @model_validator(mode="after")
     def _keys_with_broker(self) -> Settings:

@@ -22,6 +22,7 @@ from prometheus_client import CollectorRegistry
 from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
 
+from api.asset_links import S3Links
 from api.problems import DOMAIN_STATUS, Problem, field_errors, problem_response, validation_problem
 from saga.commands import StoreResponse
 from saga.errors import DomainError
@@ -64,6 +65,7 @@ class ApiDeps:
     registry: CollectorRegistry | None = None
     assets_dir: Path | None = None
     worker_threads: int = 40  # threads running blocking handlers (each needs a DB connection)
+    asset_links: S3Links | None = None  # presigned download links for s3:// assets, if set
 
 
 def get_deps(request: Request) -> ApiDeps:

@@ -19,6 +19,7 @@ from typing import Any
 
 from sqlalchemy import Connection, func, select
 
+from api.asset_links import S3Links, with_download_urls
 from persistence.tables import generations, holds, journal
 from saga.errors import NotFound
 from saga.machine import STATES
@@ -91,9 +92,10 @@ def search_generations(service: Queries, *, user_id: str | None = None,
     return Page(items, encode_cursor(next_after) if next_after else None)
 
 
-def generation(service: Queries, generation_id: str) -> dict[str, Any]:
-    """The Generation resource; raises ``NotFound``."""
-    return service.get(generation_id)
+def generation(service: Queries, generation_id: str,
+               links: S3Links | None = None) -> dict[str, Any]:
+    """The Generation resource (with s3 download links when ``links``); raises ``NotFound``."""
+    return with_download_urls(service.get(generation_id), links)
 
 
 def history(service: Queries, generation_id: str) -> dict[str, Any]:

@@ -52,6 +52,7 @@ def console_router(deps: Any) -> APIRouter:
     """``deps`` is the app's ``ApiDeps`` (``bus``, ``queries``, ``api_keys``)."""
     router = APIRouter(prefix=PREFIX, include_in_schema=False)
     service = deps.queries
+    asset_links = getattr(deps, "asset_links", None)
     sessions = Sessions(deps.api_keys)
     machine = definition()
     env = Environment(loader=PackageLoader("api.console", "templates"),
@@ -221,7 +222,7 @@ def console_router(deps: Any) -> APIRouter:
         if session is None or not session.signed_in:
             return to_sign_in()
         try:
-            view = await read(data.generation, service, generation_id)
+            view = await read(data.generation, service, generation_id, asset_links)
             hist = await read(data.history, service, generation_id)
         except NotFound as exc:
             return refused(request, _Refused(404, "Not found", exc.message))

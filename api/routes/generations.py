@@ -10,6 +10,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import Response
 
+from api.asset_links import presigned
 from api.deps import (
     AnyRole,
     Body,
@@ -54,7 +55,8 @@ async def start_generation(
 @router.get("/{generation_id}", response_model=GenerationOut)
 async def get_generation(generation_id: str, deps: Deps, role: AnyRole) -> Any:
     """Read one generation."""
-    return await query(deps.queries.get, generation_id)
+    view = await query(deps.queries.get, generation_id)
+    return (await presigned([view], deps.asset_links))[0]
 
 
 @router.post("/{generation_id}/selection", status_code=202, response_model=GenerationOut,
@@ -104,6 +106,7 @@ async def list_generations(
     """List generations, newest first, with an opaque cursor."""
     items, next_after = await query(deps.queries.list_generations, user_id=user_id,
                                     state=state, limit=limit, after=after)
+    items = await presigned(items, deps.asset_links)
     return {"items": items, "next_cursor": encode_cursor(next_after) if next_after else None}
 
 

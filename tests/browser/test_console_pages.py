@@ -35,7 +35,7 @@ HOLD = {"hold_id": "h-1", "generation_id": GEN_ID, "stage": "samples", "amount":
 
 @pytest.fixture
 def client(monkeypatch: pytest.MonkeyPatch) -> Iterator[TestClient]:
-    monkeypatch.setattr(data, "generation", lambda _s, _id: GENERATION)
+    monkeypatch.setattr(data, "generation", lambda _s, _id, _links=None: GENERATION)
     monkeypatch.setattr(data, "history", lambda _s, _id: {"id": GEN_ID, "state": "compensating",
                                                           "events": []})
     monkeypatch.setattr(data, "open_holds", lambda _s, **_kw: [HOLD])
