@@ -17,6 +17,7 @@ from prometheus_client import CollectorRegistry
 from sqlalchemy import Connection, Engine, text
 
 from aigen.demo_worker import DemoWorker, redispatch_unanswered
+from aigen.jobs.dead_letters import DeadLetterDrain
 from aigen.jobs.sweeper import Sweeper
 from aigen.metrics import PrometheusObserver
 from aigen.settings import Settings
@@ -54,10 +55,13 @@ class Runtime:
     app: FastAPI
     registry: CollectorRegistry
     demo_worker: DemoWorker | None = None
+    dead_letters: DeadLetterDrain | None = None
 
     def start(self) -> None:
         self.broker.start()
         self.broker.consume(RESULTS_QUEUE, self.consumer.handle)
+        if self.dead_letters:
+            self.dead_letters.start()
         if self.demo_worker:
             self.demo_worker.start()
             if isinstance(self.broker, InProcessBroker):  # its queues died with the last run
@@ -139,4 +143,4 @@ def build(settings: Settings, *, broker: Broker | None = None, run_migrations: b
         registry=registry, assets_dir=assets_dir, worker_threads=settings.db_pool_size,
         asset_links=asset_links(settings)))
     return Runtime(settings, engine, bus, broker, relay, consumer, sweeper, app, registry,
-                   demo_worker)
+                   demo_worker, DeadLetterDrain(bus, broker))

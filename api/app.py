@@ -30,6 +30,8 @@ from api.deps import MAX_BODY_BYTES, ApiDeps
 from api.docs import install_docs
 from api.problems import Problem, problem_response, validation_problem
 from api.routes import accounts, generations, operations
+from api.routes import dead_letters as dead_letters_routes
+from api.routes import support as support_routes
 from api.routes.support_views import support_views_router
 from saga.errors import BillingUnavailable
 
@@ -67,6 +69,8 @@ def create_app(deps: ApiDeps) -> FastAPI:
     _add_error_handlers(app)
     for router in (generations.router, accounts.router, operations.router):
         app.include_router(router)
+    app.include_router(support_routes.router)
+    app.include_router(dead_letters_routes.router)
     app.include_router(support_views_router(deps))
     app.include_router(console_router(deps))
     if deps.assets_dir is not None:

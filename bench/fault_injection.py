@@ -41,7 +41,15 @@ from sqlalchemy import func, select, text
 
 from bench.backends import DEFAULT_AMQP_HOST, DEFAULT_PG, free_port, scratch_backends, wait_ready
 from persistence.db import make_engine
-from persistence.tables import accounts, generation_events, generations, holds, journal, outbox
+from persistence.tables import (
+    accounts,
+    dead_letters,
+    generation_events,
+    generations,
+    holds,
+    journal,
+    outbox,
+)
 from standins.n8n import Reply, ScriptedN8n
 
 KEYS = "service:fi-svc,support:fi-sup"
@@ -317,9 +325,13 @@ def check(engine: Any, amqp: str, chaos: Chaos, granted: Counter[str], ids: list
             generation_events.c.actor == "n8n")).scalar_one()
     seen = {(d["job_id"], d["event_type"]) for d in received}
     lost = sorted(chaos.sent_results - seen)
+    # Dead letters: those the service moved into its store, plus any still in the DLQ.
+    with engine.connect() as conn:
+        stored = conn.execute(select(func.count()).select_from(dead_letters).where(
+            dead_letters.c.reason.not_like("unroutable%"))).scalar_one()
     conn_amqp = pika.BlockingConnection(pika.URLParameters(amqp))
-    dead = conn_amqp.channel().queue_declare("orchestrator.generation.results.dlq",
-                                             passive=True).method.message_count
+    dead = stored + conn_amqp.channel().queue_declare("orchestrator.generation.results.dlq",
+                                                      passive=True).method.message_count
     conn_amqp.close()
     ok = (not waiting_with_hold and unsettled == 0 and not doubled and not balance_errors
           and not journal_mismatch and unsent == 0 and not lost and kills >= 1

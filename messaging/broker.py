@@ -22,6 +22,7 @@ from saga.messages import (
     JOBS_QUEUE,
     NOTIFICATION_EXCHANGE,
     RESULTS_QUEUE,
+    UNROUTABLE_QUEUE,
     OutboundMessage,
 )
 
@@ -43,7 +44,19 @@ QUEUES: list[tuple[str, dict[str, Any], list[tuple[str, str]]]] = [
     (RESULTS_QUEUE, {"x-dead-letter-exchange": DEAD_LETTER_EXCHANGE},
      [(GENERATION_EXCHANGE, "generation.result.#")]),
     (DEAD_LETTER_QUEUE, {}, [(DEAD_LETTER_EXCHANGE, "")]),
+    # No binding: the publisher sends returned (unroutable) messages here by queue name.
+    (UNROUTABLE_QUEUE, {}, []),
 ]
+
+# Headers on a parked message: where it was going and why it is parked.
+ORIGINAL_EXCHANGE = "x-original-exchange"
+ORIGINAL_ROUTING_KEY = "x-original-routing-key"
+REJECTION_REASON = "x-rejection-reason"
+
+
+def unroutable_headers(exchange: str, routing_key: str) -> dict[str, Any]:
+    return {ORIGINAL_EXCHANGE: exchange, ORIGINAL_ROUTING_KEY: routing_key,
+            REJECTION_REASON: "unroutable: no queue is bound for this routing key"}
 
 
 @dataclass

@@ -10,6 +10,7 @@ import dataclasses
 import json
 import queue
 import threading
+import uuid
 from collections.abc import Callable, Sequence
 
 from messaging.broker import (
@@ -20,12 +21,16 @@ from messaging.broker import (
     Disposition,
     run_handler,
     topic_matches,
+    unroutable_headers,
 )
-from saga.messages import DEAD_LETTER_EXCHANGE, OutboundMessage
+from saga.messages import DEAD_LETTER_EXCHANGE, UNROUTABLE_QUEUE, OutboundMessage
 
 
 class InProcessBroker:
-    def __init__(self) -> None:
+    def __init__(self, *, keep_unroutable: bool = False) -> None:
+        # The embedded mode runs no notification or Odoo consumer, so every notification
+        # would be unroutable there: parking them is opt-in (tests), as RabbitMQ does always.
+        self.keep_unroutable = keep_unroutable
         self.exchange_types = dict(EXCHANGES)
         self.bindings: list[tuple[str, str, str]] = []  # (exchange, pattern, queue)
         self.queues: dict[str, queue.Queue[Delivery]] = {}
@@ -46,8 +51,12 @@ class InProcessBroker:
             if msg.payload is not None and not msg.body:  # read back from the outbox
                 msg = dataclasses.replace(msg, body=json.loads(msg.payload))
             self.published.append(msg)
-            self.route(msg.exchange, msg.routing_key,
-                       Delivery(msg.encode(), msg.routing_key, msg.message_id))
+            routed = self.route(msg.exchange, msg.routing_key,
+                                Delivery(msg.encode(), msg.routing_key, msg.message_id))
+            if not routed and self.keep_unroutable:
+                self.queues[UNROUTABLE_QUEUE].put(Delivery(
+                    msg.encode(), UNROUTABLE_QUEUE, msg.message_id,
+                    unroutable_headers(msg.exchange, msg.routing_key)))
         return [True] * len(messages)
 
     def route(self, exchange: str, routing_key: str, delivery: Delivery) -> int:
@@ -60,9 +69,11 @@ class InProcessBroker:
         return routed
 
     def dead_letter(self, delivery: Delivery, reason: str) -> None:
-        headers = {**delivery.headers, "x-rejection-reason": reason}
+        headers = {**delivery.headers, "x-rejection-reason": reason,
+                   "x-original-routing-key": delivery.routing_key}
         self.route(DEAD_LETTER_EXCHANGE, delivery.routing_key,
-                   Delivery(delivery.body, delivery.routing_key, delivery.message_id, headers))
+                   Delivery(delivery.body, delivery.routing_key,
+                            delivery.message_id or str(uuid.uuid4()), headers))
 
     def consume(self, queue_name: str, handler: Callable[[Delivery], Disposition]) -> None:
         q = self.queues[queue_name]

@@ -17,6 +17,7 @@ from sqlalchemy import (
     Dialect,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Table,
@@ -176,4 +177,26 @@ journal = Table(
     Column("generation_id", String(36), nullable=True),
     Column("reason", String(255), nullable=True),
     Index(None, "user_id", "id"),
+)
+
+# Messages the service could not use (dead-lettered results, unroutable outbound messages),
+# moved out of RabbitMQ so support can list, replay and discard them by id.
+dead_letters = Table(
+    "dead_letters",
+    metadata,
+    Column("id", String(36), primary_key=True),
+    Column("message_key", String(255), nullable=False),  # dedup: one row per delivery
+    Column("dead_lettered_at", UTCDateTime, nullable=False),
+    Column("reason", String(1000), nullable=False),
+    Column("exchange", String(128), nullable=False),
+    Column("routing_key", String(255), nullable=False),
+    Column("generation_id", String(36), nullable=True),
+    Column("body", LargeBinary, nullable=False),
+    Column("status", String(16), nullable=False),  # open | replayed | discarded
+    Column("resolved_at", UTCDateTime, nullable=True),
+    Column("resolved_by", String(16), nullable=True),
+    Column("resolved_reason", String(500), nullable=True),
+    UniqueConstraint("message_key"),
+    Index(None, "status", "dead_lettered_at", "id"),
+    Index(None, "dead_lettered_at", "id"),
 )

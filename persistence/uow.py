@@ -9,6 +9,7 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, and_, bindparam, insert, or_, select, update
 
+from persistence.dead_letters import SqlDeadLetters
 from persistence.ledger import SqlLedger
 from persistence.sql import insert_ignore, json_dumps
 from persistence.tables import generation_events, generations, idempotency_keys, inbox, outbox
@@ -18,6 +19,7 @@ from saga.messages import OutboundMessage, iso
 from saga.model import Generation
 from saga.ports import (
     Billing,
+    DeadLetterStore,
     GenerationRepository,
     HistoryRepository,
     IdempotencyRace,
@@ -363,6 +365,7 @@ class SqlUnitOfWork:
         self.inbox: Inbox = SqlInbox(self.conn)
         self.idempotency: IdempotencyStore = SqlIdempotency(self.conn, self._writes)
         self.billing: Billing = self.billing_factory(self.conn)
+        self.dead_letters: DeadLetterStore = SqlDeadLetters(self.conn)
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
@@ -85,3 +86,47 @@ class StoreResponse:
     record: IdempotencyRecord
     status: int
     body: Any
+
+
+# ------------------------------------------------------------------ support actions, dead letters
+@dataclass(frozen=True)
+class SupportCancel:
+    """Support cancels a generation that is not terminal (history actor ``support``)."""
+
+    generation_id: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class SupportResolve:
+    """Support records how billing settled a hold it could not settle for us."""
+
+    generation_id: str
+    reason: str
+    hold_id: str
+    outcome: str  # "released" | "committed"
+
+
+@dataclass(frozen=True)
+class StoreDeadLetter:
+    """Keep a dead-lettered (or unroutable) message in the service's own store."""
+
+    message_key: str  # idempotency: the same delivery stored twice is one row
+    dead_lettered_at: datetime
+    reason: str
+    exchange: str
+    routing_key: str
+    body: bytes
+    generation_id: str | None = None
+
+
+@dataclass(frozen=True)
+class ReplayDeadLetter:
+    dead_letter_id: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class DiscardDeadLetter:
+    dead_letter_id: str
+    reason: str

@@ -30,6 +30,12 @@ HANDLERS: dict[type[Any], Handler] = {
     c.ApplyResult: handlers.apply_result,
     c.FireDeadlines: handlers.fire_deadlines,
     c.StoreResponse: handlers.store_response,
+    # support actions, dead letters
+    c.SupportCancel: handlers.support_cancel,
+    c.SupportResolve: handlers.support_resolve,
+    c.StoreDeadLetter: handlers.store_dead_letter,
+    c.ReplayDeadLetter: handlers.replay_dead_letter,
+    c.DiscardDeadLetter: handlers.discard_dead_letter,
 }
 
 

@@ -22,6 +22,8 @@ DEAD_LETTER_EXCHANGE = "creativeflow.dlx"
 JOBS_QUEUE = "n8n.generation.jobs"
 RESULTS_QUEUE = "orchestrator.generation.results"
 DEAD_LETTER_QUEUE = "orchestrator.generation.results.dlq"
+# Outbound messages no queue was bound for, parked by the publisher until support replays them.
+UNROUTABLE_QUEUE = "orchestrator.unroutable"
 JOB_ROUTING_PREFIX = "generation.job."
 RESULT_ROUTING_PREFIX = "generation.result."
 

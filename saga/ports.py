@@ -118,6 +118,7 @@ class UnitOfWork(Protocol):
     inbox: Inbox
     billing: Billing
     idempotency: IdempotencyStore
+    dead_letters: DeadLetterStore
 
     def __enter__(self) -> Self: ...
 
@@ -139,3 +140,34 @@ class AlreadyAnswered(Exception):
         super().__init__("idempotency key already answered")
         self.stored = stored
 
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """A message the service could not use, kept so support can replay or discard it."""
+
+    id: str
+    dead_lettered_at: datetime
+    reason: str
+    exchange: str  # where a replay publishes it
+    routing_key: str  # its original routing key
+    generation_id: str | None
+    body: bytes
+    status: str  # open | replayed | discarded
+    resolved_at: datetime | None = None
+    resolved_by: str | None = None
+    resolved_reason: str | None = None
+
+
+class DeadLetterStore(Protocol):
+    def add(self, letter: DeadLetter, message_key: str) -> bool:
+        """Store ``letter``; False (nothing stored) if ``message_key`` is already there."""
+
+    def get(self, dead_letter_id: str, *, for_update: bool = False) -> DeadLetter | None: ...
+
+    def resolve(self, dead_letter_id: str, status: str, at: datetime, by: str,
+                reason: str) -> None: ...
+
+    def search(self, *, status: str | None, limit: int,
+               after: tuple[datetime, str] | None) -> list[DeadLetter]:
+        """Newest first."""

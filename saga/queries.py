@@ -12,7 +12,7 @@ from typing import Any
 
 from saga.errors import NotFound
 from saga.ports import IdempotencyRecord, UnitOfWork
-from saga.views import account_view, generation_view
+from saga.views import account_view, dead_letter_view, generation_view
 
 Cursor = tuple[datetime, str]
 
@@ -57,3 +57,22 @@ class Queries:
         with self.uow_factory() as uow:
             return uow.idempotency.get(idem)
 
+
+    # -- support: dead letters ---------------------------------------------------------------
+    def dead_letters(self, *, limit: int, after: Cursor | None, status: str | None = "open"
+                     ) -> tuple[list[dict[str, Any]], Cursor | None]:
+        """Dead letters newest first (``status`` None: all), with the next page's cursor."""
+        with self.uow_factory() as uow:
+            letters = uow.dead_letters.search(status=status, limit=limit + 1, after=after)
+        more = len(letters) > limit
+        letters = letters[:limit]
+        cursor = ((letters[-1].dead_lettered_at, letters[-1].id) if more and letters
+                  else None)
+        return [dead_letter_view(x) for x in letters], cursor
+
+    def dead_letter(self, dead_letter_id: str) -> dict[str, Any]:
+        with self.uow_factory() as uow:
+            letter = uow.dead_letters.get(dead_letter_id)
+        if letter is None:
+            raise NotFound(f"dead letter {dead_letter_id} not found")
+        return dead_letter_view(letter)

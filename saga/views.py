@@ -6,7 +6,7 @@ from typing import Any
 
 from saga.messages import iso
 from saga.model import Generation
-from saga.ports import Account
+from saga.ports import Account, DeadLetter
 from saga.pricing import fmt
 
 
@@ -39,4 +39,32 @@ def account_view(account: Account) -> dict[str, Any]:
         "balance": fmt(account.balance),
         "held": fmt(account.held),
         "available": fmt(account.available),
+    }
+
+
+PREVIEW_BYTES = 1024
+
+
+def body_preview(body: bytes) -> str:
+    """At most 1 KB of the body as text (undecodable bytes replaced, control characters
+    other than newline and tab shown as U+FFFD)."""
+    text = body[:PREVIEW_BYTES].decode("utf-8", errors="replace")
+    while len(text.encode()) > PREVIEW_BYTES:  # replacement characters take 3 bytes
+        text = text[:-1]
+    return "".join(c if c >= " " or c in "\n\t" else "\ufffd" for c in text)
+
+
+def dead_letter_view(letter: DeadLetter) -> dict[str, Any]:
+    return {
+        "id": letter.id,
+        "dead_lettered_at": iso(letter.dead_lettered_at),
+        "reason": letter.reason,
+        "exchange": letter.exchange,
+        "routing_key": letter.routing_key,
+        "generation_id": letter.generation_id,
+        "body_preview": body_preview(letter.body),
+        "status": letter.status,
+        "resolved_at": iso(letter.resolved_at) if letter.resolved_at else None,
+        "resolved_by": letter.resolved_by,
+        "resolved_reason": letter.resolved_reason,
     }

@@ -184,7 +184,6 @@ class Collector(_ConsumerThread):
         super().__init__(url)
         self.notifications: list[dict[str, Any]] = []
         self.events: list[dict[str, Any]] = []
-        self.dead: list[tuple[dict[str, Any], bytes]] = []  # (headers, body) from the DLQ
         self.properties: list[Any] = []
 
     def _subscribe(self, conn: Any, ch: Any) -> None:
@@ -200,13 +199,9 @@ class Collector(_ConsumerThread):
                 ch.basic_ack(method.delivery_tag)
             return on
 
-        def on_dead(ch: Any, method: Any, props: Any, body: bytes) -> None:
-            self.dead.append((dict(props.headers or {}), body))
-            ch.basic_ack(method.delivery_tag)
-
         ch.basic_consume("test.notifications", keep(self.notifications))
         ch.basic_consume("test.events", keep(self.events))
-        ch.basic_consume("orchestrator.generation.results.dlq", on_dead)
+        # The DLQ is the service's own: it drains it into its dead-letter store.
 
 
 def publish_raw(url: str, routing_key: str, body: bytes) -> None:

@@ -1,15 +1,17 @@
 """Every change the console can ask for, in one place.
 
 The console's POST handlers check the session and the CSRF token, validate the form, and call
-these functions. Support actions (contract §7: recorded in the saga's history with actor
-``support`` and the reason) need service commands that do not exist yet; until they do, each
-function raises :class:`NotAvailableYet`, which the console shows as a 501 page. Wiring an
-action later means changing only its function here.
+these functions, which hand the service's support commands to its message bus (recorded in
+the saga's history with actor ``support`` and the reason). An action whose command does not
+exist yet raises :class:`NotAvailableYet`, which the console shows as a 501 page; wiring it
+later means changing only its function here.
 """
 
 from __future__ import annotations
 
 from typing import Any
+
+from saga.commands import DiscardDeadLetter, ReplayDeadLetter, SupportCancel, SupportResolve
 
 
 class NotAvailableYet(Exception):
@@ -21,9 +23,8 @@ class NotAvailableYet(Exception):
 
 
 def cancel(deps: Any, generation_id: str, reason: str) -> dict[str, Any]:
-    # The service's cancel command records actor ``odoo``; a support cancel must say
-    # ``support`` in the history, so it waits for a support command.
-    raise NotAvailableYet("Cancelling a generation from the console")
+    result: dict[str, Any] = deps.bus.handle(SupportCancel(generation_id, reason))
+    return result
 
 
 def retry(deps: Any, generation_id: str, reason: str) -> dict[str, Any]:
@@ -32,12 +33,14 @@ def retry(deps: Any, generation_id: str, reason: str) -> dict[str, Any]:
 
 def resolve(deps: Any, generation_id: str, reason: str, hold_id: str,
             outcome: str) -> dict[str, Any]:
-    raise NotAvailableYet("Resolving a hold")
+    result: dict[str, Any] = deps.bus.handle(
+        SupportResolve(generation_id, reason, hold_id, outcome))
+    return result
 
 
 def replay_dead_letter(deps: Any, dead_letter_id: str, reason: str) -> None:
-    raise NotAvailableYet("Replaying a dead letter")
+    deps.bus.handle(ReplayDeadLetter(dead_letter_id, reason))
 
 
 def discard_dead_letter(deps: Any, dead_letter_id: str, reason: str) -> None:
-    raise NotAvailableYet("Discarding a dead letter")
+    deps.bus.handle(DiscardDeadLetter(dead_letter_id, reason))

@@ -118,7 +118,7 @@ def attention(service: Queries) -> Attention:
 
 
 def dead_letters(service: Queries) -> DeadLetters:
-    """Dead-lettered messages. The service keeps no store of them yet."""
+    """Open dead letters (dead-lettered results, unroutable messages), newest first."""
     lister = getattr(service, "dead_letters", None)
     if lister is None:
         return DeadLetters(available=False)

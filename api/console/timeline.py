@@ -17,6 +17,13 @@ _IN = {
 }
 
 
+_SUPPORT_NOTES = {
+    "resolve": "recorded that billing {outcome} hold {hold_id}",
+    "replay_dead_letter": "replayed a dead letter",
+    "discard_dead_letter": "discarded a dead letter",
+}
+
+
 @dataclass(frozen=True)
 class Line:
     time: str  # HH:MM:SS (UTC)
@@ -84,6 +91,13 @@ def describe(event: dict[str, Any]) -> str:
         message = f" — {detail['message']}" if detail.get("message") else ""
         return f"refused {who}{str(what).replace('_', ' ')}: {reason}{message}"
     if kind == "note":
+        action = detail.get("action")
+        if action in _SUPPORT_NOTES:
+            text = _SUPPORT_NOTES[str(action)].format(**{"outcome": "?", "hold_id": "?",
+                                                         **detail})
+            return f"{who}{text} (reason: {detail.get('reason', '')})"
+        if detail.get("dead_lettered"):
+            return f"a message for it was dead-lettered: {detail.get('reason', '')}"
         if detail.get("reason"):
             return f"{who}note: {detail['reason']}"
         return f"{who}note: " + ", ".join(f"{k} {v}" for k, v in detail.items())

@@ -232,7 +232,8 @@ def console_router(deps: Any) -> APIRouter:
         holds = await read(data.open_holds, service, generation_id=generation_id)
         terminal = data.is_terminal(view["state"])
         offered = {
-            "cancel": not terminal,
+            "cancel": not terminal and _compensation_target(hist["events"]) in (
+                None, "awaiting_selection"),
             "retry": bool(view.get("attention")),
             "resolve": view["state"] == "compensating" and bool(holds),
         }
@@ -269,8 +270,9 @@ def console_router(deps: Any) -> APIRouter:
         if session is None or not session.signed_in:
             return to_sign_in()
         letters = await read(data.dead_letters, service)
+        done = request.query_params.get("done")
         return page(request, session, "dead_letters.html", title="Dead letters",
-                    letters=letters)
+                    letters=letters, done=done if done in ("replayed", "discarded") else None)
 
     # -- actions ----------------------------------------------------------------------------
     def reason_of(fields: dict[str, str]) -> str:
@@ -324,6 +326,20 @@ def console_router(deps: Any) -> APIRouter:
         return RedirectResponse(f"{PREFIX}/dead-letters?done=discarded", status_code=303)
 
     return router
+
+
+def _compensation_target(events: list[dict[str, Any]]) -> str | None:
+    """Where a saga in ``compensating`` lands once the release goes through (None: not
+    compensating, or not recorded). Only one headed back to selection can still be cancelled."""
+    for event in reversed(events):
+        if event.get("kind") == "transition" and event.get("to_state") != "compensating":
+            return None
+        if event.get("kind") == "transition" and event.get("trigger") == "cancel":
+            return "cancelled"
+        if event.get("kind") == "transition" and event.get("from_state") != "compensating":
+            target = (event.get("detail") or {}).get("target")
+            return str(target) if target else None
+    return None
 
 
 def _back(generation_id: str, done: str) -> Response:

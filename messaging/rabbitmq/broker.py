@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import Callable, Sequence
 
 from messaging.broker import Delivery, Disposition
@@ -39,7 +40,9 @@ class RabbitBroker:
     def dead_letter(self, delivery: Delivery, reason: str) -> None:
         headers = {**delivery.headers, "x-rejection-reason": reason[:1000],
                    "x-original-routing-key": delivery.routing_key}
-        props = properties(delivery.message_id, None, None, headers)
+        # A message id of its own when the producer set none: the dead-letter store tells a
+        # redelivery of this copy from another message with the same body by it.
+        props = properties(delivery.message_id or str(uuid.uuid4()), None, None, headers)
         if not self.publisher.publish_raw(DEAD_LETTER_EXCHANGE, delivery.routing_key,
                                           delivery.body, props):
             raise ConnectionError("dead-letter publish was not confirmed")

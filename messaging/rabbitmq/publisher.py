@@ -21,8 +21,9 @@ import pika
 from pika.channel import Channel
 from pika.spec import Basic, BasicProperties
 
+from messaging.broker import unroutable_headers
 from messaging.rabbitmq.connection import Reconnecting
-from saga.messages import OutboundMessage
+from saga.messages import UNROUTABLE_QUEUE, OutboundMessage
 
 log = logging.getLogger(__name__)
 
@@ -138,8 +139,8 @@ class AsyncPublisher:
             if entry:
                 entry[0].settle(entry[1], ok)
 
-    def _on_return(self, _channel: Channel, method: Basic.Return, props: BasicProperties,
-                   _body: bytes) -> None:
+    def _on_return(self, channel: Channel, method: Basic.Return, props: BasicProperties,
+                   body: bytes) -> None:
         # Unroutable: nobody bound a queue for it. It is still confirmed; we count it, and log
         # it at most once a minute per exchange so a missing consumer cannot flood the log.
         now = time.monotonic()
@@ -151,6 +152,28 @@ class AsyncPublisher:
                         method.exchange, props.message_id, method.routing_key)
         if self.on_unroutable:
             self.on_unroutable(method.exchange, method.routing_key)
+        self._park(channel, method, props, body)
+
+    def _park(self, channel: Channel, method: Basic.Return, props: BasicProperties,
+              body: bytes) -> None:
+        """Keep a returned message in the holding queue (drained into the dead-letter store).
+
+        Sent by queue name through the default exchange, not mandatory (no loop if the queue
+        is gone). Its confirm uses a delivery tag, so it takes one from the counter.
+        """
+        if method.exchange == "" or not channel.is_open:
+            return
+        headers = {**(props.headers or {}),
+                   **unroutable_headers(method.exchange, method.routing_key)}
+        parked = BasicProperties(content_type=props.content_type, delivery_mode=2,
+                                 message_id=props.message_id,
+                                 correlation_id=props.correlation_id, type=props.type,
+                                 headers=headers)
+        next(self._tags)
+        try:
+            channel.basic_publish("", UNROUTABLE_QUEUE, body, parked)
+        except Exception:
+            log.exception("could not park an unroutable message")
 
     def _fail_inflight(self) -> None:
         for batch, index in self._inflight.values():

@@ -11,7 +11,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from api.app import ApiDeps, create_app
-from api.console import data
+from api.console import actions, data
 
 KEYS = {"svc-key": "service", "sup-key": "support"}
 GEN_ID = "0b0e6d5c-1111-4222-8333-444455556666"
@@ -87,7 +87,10 @@ def test_a_stuck_compensation_offers_resolve_and_retry_and_cancel(client: TestCl
     assert "billing did not answer" in html
 
 
-def test_resolve_checks_its_form_before_the_adapter(client: TestClient) -> None:
+def test_resolve_checks_its_form_before_the_adapter(client: TestClient,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[tuple[object, ...]] = []
+    monkeypatch.setattr(actions, "resolve", lambda _d, *args: calls.append(args))
     token = _token(client.get(f"/console/generations/{GEN_ID}").text)
     path = f"/console/generations/{GEN_ID}/resolve"
     no_reason = client.post(path, data={"csrf_token": token, "hold_id": "h-1",
@@ -97,12 +100,16 @@ def test_resolve_checks_its_form_before_the_adapter(client: TestClient) -> None:
                                           "outcome": "maybe", "reason": "checked"})
     assert bad_outcome.status_code == 422
     valid = client.post(path, data={"csrf_token": token, "hold_id": "h-1",
-                                    "outcome": "released", "reason": "checked billing"})
-    assert valid.status_code == 501  # the service has no resolve command yet
-    assert "Not available yet" in valid.text
+                                    "outcome": "released", "reason": "checked billing"},
+                        follow_redirects=False)
+    assert valid.status_code == 303  # back to the generation's page
+    assert calls == [(GEN_ID, "checked billing", "h-1", "released")]  # only the valid form
 
 
-def test_dead_letters_list_with_replay_and_discard(client: TestClient) -> None:
+def test_dead_letters_list_with_replay_and_discard(client: TestClient,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[tuple[object, ...]] = []
+    monkeypatch.setattr(actions, "replay_dead_letter", lambda _d, *args: calls.append(args))
     html = client.get("/console/dead-letters").text
     assert "generation.result.samples" in html and "{&#34;broken&#34;: " in html
     assert 'action="/console/dead-letters/dl-9/replay"' in html
@@ -111,8 +118,9 @@ def test_dead_letters_list_with_replay_and_discard(client: TestClient) -> None:
     refused = client.post("/console/dead-letters/dl-9/replay", data={"reason": "fixed"})
     assert refused.status_code == 403
     answered = client.post("/console/dead-letters/dl-9/replay",
-                           data={"csrf_token": token, "reason": "fixed"})
-    assert answered.status_code == 501
+                           data={"csrf_token": token, "reason": "fixed"}, follow_redirects=False)
+    assert answered.status_code == 303
+    assert calls == [("dl-9", "fixed")]  # the refused POST never reached the action
 
 
 def test_pages_are_sent_with_a_strict_content_security_policy(client: TestClient) -> None:

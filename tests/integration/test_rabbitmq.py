@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from sqlalchemy import func, select
 
-from persistence.tables import generations, holds, inbox
+from persistence.tables import dead_letters, generations, holds, inbox
 from standins.n8n import Collector, Reply, ScriptedN8n, happy, publish_raw, wait_for
 from tests.integration.rabbit_fixtures import (
     SERVICE,
@@ -180,14 +180,21 @@ def test_malformed_results_are_dead_lettered_and_change_nothing(
         running: Running, body: bytes, reason: str) -> None:
     running.grant("u-5", "10.00")
     url = running.runtime.settings.amqp_url or ""
-    with Collector(url) as seen:
+    with Collector(url):
         with running.engine.connect() as conn:
             before = conn.execute(select(generations.c.id, generations.c.version)).all()
         publish_raw(url, "generation.result.samples_ready", body)
-        wait_for(lambda: len(seen.dead) == 1, message="the dead letter")
-        headers, dead_body = seen.dead[0]
-        assert dead_body == body
-        assert headers["x-rejection-reason"].startswith(reason)
+        # Through creativeflow.dlx and the DLQ into the service's dead-letter store.
+        def stored() -> list[Any]:
+            with running.engine.connect() as conn:
+                return list(conn.execute(select(dead_letters).where(
+                    dead_letters.c.reason.not_like("unroutable%"))))
+        wait_for(lambda: len(stored()) == 1, message="the dead letter in the store")
+        [row] = stored()
+        assert bytes(row.body) == body and row.status == "open"
+        assert row.reason.startswith(reason)
+        assert (row.exchange, row.routing_key) == ("creativeflow.generation",
+                                                   "generation.result.samples_ready")
         with running.engine.connect() as conn:
             assert conn.execute(select(generations.c.id, generations.c.version)).all() == before
         # The consumer is still alive: a normal generation goes through.
