@@ -40,9 +40,11 @@ log = logging.getLogger(__name__)
 __all__ = ["MAX_BODY_BYTES", "ApiDeps", "create_app"]
 
 
-# No OpenTelemetry here (metrics are Prometheus). FastAPI versions with native telemetry
-# otherwise look the providers up in os.environ on every request (2.5 % of the service's
-# CPU under load in the bench's profile); older versions have no such parameter.
+# FastAPI's own (native) telemetry off: HTTP spans come from the maintained OpenTelemetry
+# instrumentation when tracing is configured (aigen/telemetry.py, docs/tracing.md), metrics
+# are Prometheus. Left on, it looks the providers up in os.environ on every request (2.5 % of
+# the service's CPU under load in the bench's profile) and would add a second set of spans.
+# Older FastAPI versions have no such parameter.
 _NO_TELEMETRY: dict[str, Any] = (
     {"telemetry": {"tracing": False, "metrics": False, "logs": False}}
     if "telemetry" in inspect.signature(FastAPI.__init__).parameters else {})
