@@ -102,27 +102,34 @@ def build(settings: Settings, *, broker: Broker | None = None, run_migrations: b
     engine = make_engine(db_url, pool_size=settings.db_pool_size + settings.consumer_workers + 3)
     registry = CollectorRegistry()
     observer = PrometheusObserver(registry)
+    retry = settings.retry_policy()  # the one retry policy (saga/retry.py)
     if broker is None:
         broker = (InProcessBroker() if settings.embedded else RabbitBroker(
             settings.amqp_url or "", prefetch=settings.consumer_prefetch,
             workers=settings.consumer_workers,
-            on_unroutable=lambda exchange, _key: observer.count("unroutable", exchange=exchange)))
+            on_unroutable=lambda exchange, _key: observer.count("unroutable", exchange=exchange),
+            retry=retry.limited(cap=min(retry.cap, 10.0))))
 
     store = SqlOutboxStore(engine)
-    relay = OutboxRelay(store, broker, observer, batch_size=settings.relay_batch_size)
+    relay = OutboxRelay(store, broker, observer, batch_size=settings.relay_batch_size,
+                        retry=retry)
     billing_factory: Callable[[Connection], Billing] = SqlLedger
     reap: Callable[[datetime], int] | None = None
     if settings.billing_url:
-        client = HttpBillingClient(settings.billing_url, timeout=settings.billing_timeout_s)
+        # Within a request: a couple of quick tries; the caller's own retry does the rest.
+        client = HttpBillingClient(settings.billing_url, timeout=settings.billing_timeout_s,
+                                   policy=retry.limited(base=min(retry.base, 0.1), cap=1.0,
+                                                        max_attempts=min(retry.max_attempts,
+                                                                         2)))
         billing_factory = functools.partial(ExternalBilling, client=client)
         reap = functools.partial(reap_pending_holds, engine, client)
 
     def uow_factory() -> SqlUnitOfWork:
         return SqlUnitOfWork(engine, billing_factory, after_commit=relay.wake)
 
-    bus = MessageBus(uow_factory, settings.saga_config(), observer=observer)
-    consumer = ResultConsumer(bus, broker, observer)
-    sweeper = Sweeper(bus, engine, settings.sweeper_interval_s, reap)
+    bus = MessageBus(uow_factory, settings.saga_config(), observer=observer, retry=retry)
+    consumer = ResultConsumer(bus, broker, observer, retry)
+    sweeper = Sweeper(bus, engine, settings.sweeper_interval_s, reap, retry)
     observer.gauge("aigen_outbox_backlog", "Outbox rows not yet confirmed by the broker",
                    store.backlog)
 

@@ -22,6 +22,12 @@ _COUNTERS = {
     "outbox_published": ("aigen_outbox_batches_total", "Outbox batches published", ["outcome"]),
     "unroutable": ("aigen_unroutable_messages_total", "Messages no queue was bound for",
                    ["exchange"]),
+    "parked": ("aigen_sagas_parked_total", "Sagas parked for support (attention)",
+               ["kind", "cause"]),
+    "fire_failures": ("aigen_deadline_fire_failures_total",
+                      "Deadline firings that raised (retried later or parked)", ["cause"]),
+    "result_redeliveries": ("aigen_result_redeliveries_total",
+                            "Results republished after a transient failure", []),
 }
 
 

@@ -19,6 +19,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from saga.model import SagaConfig
 from saga.pricing import PriceBook
+from saga.retry import RetryPolicy
 
 ROLES = ("service", "support")
 DEV_API_KEYS = "service:dev-service-key,support:dev-support-key"
@@ -64,6 +65,13 @@ class Settings(BaseSettings):
     db_pool_size: int = Field(10, ge=1)
     log_level: str = "INFO"
     log_json: bool = False
+
+    # -- retry policy (saga/retry.py): one budget for everything that repeats a failure
+    retry_base_s: float = Field(0.5, ge=0)
+    retry_max_s: float = Field(30.0, ge=0)
+    retry_jitter: float = Field(0.5, ge=0, le=1)
+    retry_max_attempts: int = Field(8, ge=0)
+    retry_max_elapsed_s: float | None = Field(None, gt=0)
 
     # Presigned download links for s3:// assets (api/asset_links.py); unset endpoint: none.
     s3_endpoint_url: str | None = None  # the S3/MinIO base URL browsers reach
@@ -177,7 +185,17 @@ class Settings(BaseSettings):
             prices=PriceBook(self.price_sample_round, self.price_final_standard,
                              self.price_final_high, self.free_monthly_sample_rounds),
             bucket=self.storage_bucket,
+            compensation_backoff_base=timedelta(seconds=self.retry_base_s),
+            compensation_backoff_max=timedelta(seconds=self.retry_max_s),
+            compensation_max_tries=self.retry_max_attempts,
+            compensation_jitter=self.retry_jitter,
         )
+
+    def retry_policy(self) -> RetryPolicy:
+        """The one retry policy every retrying component is built with."""
+        return RetryPolicy(base=self.retry_base_s, cap=self.retry_max_s,
+                           jitter=self.retry_jitter, max_attempts=self.retry_max_attempts,
+                           max_elapsed=self.retry_max_elapsed_s)
 
 
 def parse_api_keys(value: str) -> dict[str, str]:

@@ -29,11 +29,11 @@ from api.console import console_router
 from api.deps import MAX_BODY_BYTES, ApiDeps
 from api.docs import install_docs
 from api.problems import Problem, problem_response, validation_problem
-from api.routes import accounts, generations, operations
+from api.routes import accounts, attention, generations, operations
 from api.routes import dead_letters as dead_letters_routes
 from api.routes import support as support_routes
 from api.routes.support_views import support_views_router
-from saga.errors import BillingUnavailable
+from saga.errors import BillingRefused, BillingUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +74,7 @@ def create_app(deps: ApiDeps) -> FastAPI:
     app.include_router(support_routes.router)
     app.include_router(dead_letters_routes.router)
     app.include_router(support_views_router(deps))
+    app.include_router(attention.router)
     app.include_router(console_router(deps))
     if deps.assets_dir is not None:
         deps.assets_dir.mkdir(parents=True, exist_ok=True)
@@ -116,6 +117,12 @@ def _add_error_handlers(app: FastAPI) -> None:
                                              "something went wrong on our side; nothing was "
                                              "changed unless the response said so").body(
                                                  request.url.path))
+
+    @app.exception_handler(BillingRefused)
+    async def _billing_refused(request: Request, exc: BillingRefused) -> Response:
+        return problem_response(502, Problem(502, "billing_refused",
+                                             "the billing backend refused the request; "
+                                             "nothing was changed").body(request.url.path))
 
     @app.exception_handler(BillingUnavailable)
     async def _billing_down(request: Request, exc: BillingUnavailable) -> Response:

@@ -55,6 +55,9 @@ class ReadModel(Protocol):
 
     def stored_response(self, idem: IdempotencyRecord) -> tuple[str, int, Any] | None: ...
 
+    def attention(self, *, limit: int, after: Cursor | None
+                  ) -> tuple[list[dict[str, Any]], Cursor | None]: ...
+
 
 @dataclass
 class ApiDeps:

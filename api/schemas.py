@@ -157,6 +157,14 @@ class Credits(Out):
     released: str
 
 
+class Attention(Out):
+    """Set while the saga is parked for support; ``null`` otherwise."""
+
+    reason: str
+    since: str
+    kind: Literal["timer", "compensation", "result"]
+
+
 class GenerationOut(Out):
     id: str
     state: State
@@ -175,6 +183,7 @@ class GenerationOut(Out):
     created_at: str
     updated_at: str
     metadata: dict[str, Any]
+    attention: Attention | None = None
 
 
 class GenerationPage(Out):
@@ -223,3 +232,20 @@ class Live(Out):
 class Ready(Out):
     status: Literal["ok", "unavailable"]
     checks: dict[str, bool]
+
+
+# ------------------------------------------------------------------ attention (parking)
+class SupportRetryBody(Strict):
+    reason: Annotated[str, StringConstraints(min_length=1, max_length=500)]
+
+
+class AttentionItem(Out):
+    generation_id: str
+    user_id: str
+    state: State
+    attention: Attention
+
+
+class AttentionPage(Out):
+    items: list[AttentionItem]
+    next_cursor: str | None

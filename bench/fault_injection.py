@@ -12,6 +12,13 @@ it checks and prints the invariants of contract §1 and §2:
 * the outbox is fully sent;
 * results sent / received / applied / refused / dead-lettered, lost 0, doubled 0.
 
+With ``--poison`` (the CI run) it also feeds poison: saga rows whose body no longer loads
+(corrupted in the database, due at once), results nested 1,200 levels deep. Each poisoned saga
+must be parked (``attention``) instead of retried forever, and the report adds the parked
+sagas by reason, ``healthy sagas stalled N`` (must be 0: a healthy saga whose deadline stayed
+passed for more than 30 s, or that ended parked or unsettled) and the worst lateness of a
+healthy deadline seen while the run went on (SIGKILL restarts included).
+
 Run: ``python -m bench.fault_injection --generations 300 --kills 6``. Exit status 0 only if
 every check holds. ``tests/integration/test_fault_injection.py`` runs it at a reduced size.
 One script (processes, chaos, checks and report) that runs top to bottom, hence its length.
@@ -56,6 +63,8 @@ KEYS = "service:fi-svc,support:fi-sup"
 SERVICE = {"Authorization": "Bearer fi-svc"}
 SUPPORT = {"Authorization": "Bearer fi-sup"}
 TERMINAL = {"completed", "failed", "timed_out", "cancelled", "expired"}
+DEEP = b'{"a":' * 1200 + b"1" + b"}" * 1200  # 2.4 KB nested 1,200 levels deep
+STALL_S = 30.0  # a healthy deadline passed for longer than this counts as stalled
 GARBAGE = [b"\x00\x01 not json", b'{"event_type": "AIGenerationSamplesReady"}', b"[]",
            b'{"event_type": "AIGenerationFailed", "generation_id": 1, "job_id": 2}']
 
@@ -68,6 +77,8 @@ class Chaos:
     deadline: float
     sent_results: set[tuple[str, str]] = field(default_factory=set)  # (job_id, event_type)
     garbage: int = 0
+    poison: bool = False
+    job_generation: dict[str, str] = field(default_factory=dict)  # job_id -> generation_id
     plan: Counter[str] = field(default_factory=Counter)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -91,8 +102,11 @@ class Chaos:
             elif roll < 0.88:
                 kind, replies = "late", [Reply(ok, self.deadline + 1.5)]
             elif roll < 0.94:
-                kind, replies = "garbage", [Reply("garbage", 0, raw=self.rng.choice(GARBAGE)),
-                                            Reply(ok, delay)]
+                raw = self.rng.choice(GARBAGE)
+                if self.poison and self.rng.random() < 0.5:
+                    raw = DEEP
+                    self.plan["deep_nested"] += 1
+                kind, replies = "garbage", [Reply("garbage", 0, raw=raw), Reply(ok, delay)]
                 self.garbage += 1
             else:
                 kind, replies = "progress", [Reply("progress", 0), Reply(ok, delay + 0.1)]
@@ -100,6 +114,7 @@ class Chaos:
             event = {"samples_ready": "AIGenerationSamplesReady",
                      "final_ready": "AIGenerationFinalAssetReady",
                      "failed": "AIGenerationFailed"}
+            self.job_generation[job["job_id"]] = job["generation_id"]
             for reply in replies:
                 if reply.kind in event:
                     self.sent_results.add((job["job_id"], event[reply.kind]))
@@ -155,7 +170,7 @@ def call(client: httpx.Client, method: str, url: str, *, patience: float = 60,
 
 def run(generations: int = 300, kills: int = 6, seed: int = 11, deadline: float = 3.0,
         pg: str = DEFAULT_PG, amqp_host: str = DEFAULT_AMQP_HOST,
-        verbose: bool = True) -> dict[str, Any]:
+        verbose: bool = True, poison: bool = False) -> dict[str, Any]:
     rng = random.Random(seed)
     tag = uuid.uuid4().hex[:6]
     stack = ExitStack()
@@ -164,14 +179,17 @@ def run(generations: int = 300, kills: int = 6, seed: int = 11, deadline: float 
            "AIGEN_LOG_LEVEL": "WARNING", "AIGEN_SAMPLES_DEADLINE_S": str(deadline),
            "AIGEN_FINAL_DEADLINE_S": str(deadline), "AIGEN_SELECTION_WINDOW_S": "6",
            "AIGEN_RETRY_BACKOFF_S": "0.2", "AIGEN_RETRY_BACKOFF_MAX_S": "1",
-           "AIGEN_SWEEPER_INTERVAL_S": "0.2"}
+           "AIGEN_SWEEPER_INTERVAL_S": "0.2", "AIGEN_RETRY_BASE_S": "0.2",
+           "AIGEN_RETRY_MAX_S": "2"}
     # The OS picks the port: a port drawn from the seeded generator was the same for every
     # run with that seed, so two runs on one machine talked to each other's service. The
     # draw stays, so the seeded scenario (what n8n does to which job) is unchanged.
     rng.randrange(200)
     port = free_port()
     service = Service(env, port, f"/tmp/aigen-fi-{tag}.log")
-    chaos = Chaos(random.Random(seed + 1), deadline)
+    chaos = Chaos(random.Random(seed + 1), deadline, poison=poison)
+    poisoned: list[str] = []
+    watch = Lateness(engine_url=db_url, poisoned=poisoned)
     engine = make_engine(db_url)
     say = print if verbose else (lambda *a, **k: None)
     try:
@@ -205,7 +223,10 @@ def run(generations: int = 300, kills: int = 6, seed: int = 11, deadline: float 
         with ScriptedN8n(amqp, chaos.script):
             killer_thread = threading.Thread(target=killer, daemon=True)
             killer_thread.start()
+            watch.start()
             for i in range(generations):
+                if poison and i in (2, generations // 3, generations // 2) and ids:
+                    poisoned.append(corrupt(engine, ids[-1]))
                 r = call(client, "POST", "/api/v1/generations",
                          headers={"Idempotency-Key": f"gen-{tag}-{i}"},
                          json={"user_id": rng.choice(users), "prompt": f"creative {i}",
@@ -221,15 +242,17 @@ def run(generations: int = 300, kills: int = 6, seed: int = 11, deadline: float 
             settle_deadline = time.monotonic() + 120 + generations * 0.2
             while time.monotonic() < settle_deadline:
                 steer(client, refused)
-                if not killer_thread.is_alive() and settled(engine):
+                if not killer_thread.is_alive() and settled(engine, poisoned):
                     break
                 time.sleep(0.5)
             stop_killing.set()
             killer_thread.join()
             # Quiet period: late and duplicate results still in flight get refused.
             time.sleep(deadline + 3)
-            wait_until(lambda: settled(engine), 60)
-        report = check(engine, amqp, chaos, granted, ids, service.kills, refused)
+            wait_until(lambda: settled(engine, poisoned), 60)
+            watch.stop()
+        report = check(engine, amqp, chaos, granted, ids, service.kills, refused, poisoned,
+                       watch)
         say(format_report(report))
         return report
     finally:
@@ -269,10 +292,56 @@ def steer(client: httpx.Client, refused: Counter[str]) -> None:
             refused[r.json().get("code", str(r.status_code))] += 1
 
 
-def settled(engine: Any) -> bool:
+def corrupt(engine: Any, generation_id: str) -> str:
+    """Poison one saga: its body no longer loads into a Generation, and it is due at once."""
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE generations SET body = '{\"poisoned\": true}'::jsonb, "
+                          "due_at = now(), version = version + 1 WHERE id = :id"),
+                     {"id": generation_id})
+    return generation_id
+
+
+class Lateness:
+    """Samples, every 0.25 s, how long healthy sagas' passed deadlines have waited."""
+
+    def __init__(self, engine_url: str, poisoned: list[str]) -> None:
+        self.engine = make_engine(engine_url, pool_size=1)
+        self.poisoned = poisoned
+        self.worst = 0.0
+        self.stalled: set[str] = set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.25):
+            try:
+                with self.engine.connect() as conn:
+                    rows = conn.execute(text(
+                        "SELECT id, extract(epoch FROM now() - due_at) AS late FROM generations"
+                        " WHERE due_at < now() AND attention_since IS NULL")).all()
+            except Exception:  # a missed sample is fine; the next one comes in 0.25 s
+                continue
+            for row in rows:
+                if row.id in self.poisoned:
+                    continue
+                self.worst = max(self.worst, float(row.late))
+                if float(row.late) > STALL_S:
+                    self.stalled.add(row.id)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self.engine.dispose()
+
+
+def settled(engine: Any, poisoned: list[str] | None = None) -> bool:
     with engine.connect() as conn:
         busy = conn.execute(select(func.count()).select_from(generations).where(
-            generations.c.state.notin_(TERMINAL | {"awaiting_selection"}))).scalar_one()
+            generations.c.state.notin_(TERMINAL | {"awaiting_selection"}),
+            generations.c.id.notin_(poisoned or []))).scalar_one()
         unsent = conn.execute(select(func.count()).select_from(outbox)
                               .where(outbox.c.sent_at.is_(None))).scalar_one()
     return bool(busy == 0 and unsent == 0)
@@ -285,25 +354,42 @@ def wait_until(predicate: Any, timeout: float) -> None:
 
 
 def check(engine: Any, amqp: str, chaos: Chaos, granted: Counter[str], ids: list[str],
-          kills: int, refused: Counter[str]) -> dict[str, Any]:
+          kills: int, refused: Counter[str], poisoned: list[str] | None = None,
+          watch: Lateness | None = None) -> dict[str, Any]:
+    poisoned = poisoned or []
     with engine.connect() as conn:
+        parked_rows = conn.execute(select(generations.c.id, generations.c.attention_kind,
+                                          generations.c.attention_reason)
+                                   .where(generations.c.attention_since.is_not(None))).all()
+        parked = Counter(f"{r.attention_kind}: {str(r.attention_reason).split(':')[0]}"
+                         for r in parked_rows)
+        parked_ids = {r.id for r in parked_rows}
+        poisoned_users = {r.user_id for r in conn.execute(
+            select(generations.c.user_id).where(generations.c.id.in_(poisoned)))}
+        poisoned_holds = {r.hold_id for r in conn.execute(
+            select(holds.c.hold_id).where(holds.c.generation_id.in_(poisoned)))}
         states = Counter(dict(conn.execute(select(generations.c.state, func.count())
                                            .group_by(generations.c.state)).all()))
         waiting_with_hold = [r.id for r in conn.execute(select(generations)) if
-                             (r.state not in TERMINAL and r.state != "awaiting_selection")
-                             or r.body.get("hold")]
+                             r.id not in poisoned and (
+                                 (r.state not in TERMINAL and r.state != "awaiting_selection")
+                                 or r.body.get("hold"))]
         hold_status = Counter(dict(conn.execute(select(holds.c.status, func.count())
                                                 .group_by(holds.c.status)).all()))
         settlements = conn.execute(select(journal.c.hold_id, func.count()).where(
             journal.c.kind.in_(("commit", "release"))).group_by(journal.c.hold_id)).all()
         doubled = [h for h, n in settlements if n != 1]
-        unsettled = hold_status.get("open", 0)
+        # A parked (poisoned) saga keeps its holds for support: they are not counted here.
+        unsettled = conn.execute(select(func.count()).select_from(holds).where(
+            holds.c.status == "open", holds.c.hold_id.notin_(poisoned_holds))).scalar_one()
         charges = dict(conn.execute(select(journal.c.user_id,
                                            func.sum(journal.c.balance_delta_cents))
                                     .where(journal.c.kind == "commit")
                                     .group_by(journal.c.user_id)).all())
         balance_errors = []
         for row in conn.execute(select(accounts)):
+            if row.user_id in poisoned_users:
+                continue  # a parked saga's hold is still held
             expected = granted[row.user_id] + int(charges.get(row.user_id, 0))
             if row.balance_cents != expected or row.held_cents != 0:
                 balance_errors.append((row.user_id, row.balance_cents, expected,
@@ -324,7 +410,13 @@ def check(engine: Any, amqp: str, chaos: Chaos, granted: Counter[str], ids: list
             generation_events.c.kind == "transition",
             generation_events.c.actor == "n8n")).scalar_one()
     seen = {(d["job_id"], d["event_type"]) for d in received}
-    lost = sorted(chaos.sent_results - seen)
+    # Results for a poisoned saga are dead-lettered (it cannot be loaded), not received.
+    lost = sorted(r for r in chaos.sent_results - seen
+                  if chaos.job_generation.get(r[0]) not in poisoned)
+    healthy_parked = sorted(parked_ids - set(poisoned))
+    stalled = sorted(set(watch.stalled if watch else ()) | set(healthy_parked)
+                     | set(waiting_with_hold))
+    poisoned_unparked = sorted(set(poisoned) - parked_ids)
     # Dead letters: those the service moved into its store, plus any still in the DLQ.
     with engine.connect() as conn:
         stored = conn.execute(select(func.count()).select_from(dead_letters).where(
@@ -335,7 +427,8 @@ def check(engine: Any, amqp: str, chaos: Chaos, granted: Counter[str], ids: list
     conn_amqp.close()
     ok = (not waiting_with_hold and unsettled == 0 and not doubled and not balance_errors
           and not journal_mismatch and unsent == 0 and not lost and kills >= 1
-          and dead >= chaos.garbage and len(ids) == sum(states.values()))
+          and dead >= chaos.garbage and len(ids) == sum(states.values())
+          and not stalled and not poisoned_unparked)
     return {
         "ok": ok, "generations": len(ids), "refused_requests": dict(refused), "kills": kills,
         "states": dict(states), "not_settled": waiting_with_hold, "holds": dict(hold_status),
@@ -345,6 +438,9 @@ def check(engine: Any, amqp: str, chaos: Chaos, granted: Counter[str], ids: list
         "results_sent": len(chaos.sent_results), "results_received": len(received),
         "results_applied": applied, "results_refused": dict(rejected),
         "garbage_sent": chaos.garbage, "dead_lettered": dead, "lost": lost,
+        "poisoned": len(poisoned), "poisoned_unparked": poisoned_unparked,
+        "parked": dict(parked), "healthy_stalled": stalled,
+        "worst_lateness_s": round(watch.worst, 2) if watch else None,
     }
 
 
@@ -364,6 +460,11 @@ def format_report(r: dict[str, Any]) -> str:
         f"  garbage sent {r['garbage_sent']}, dead-lettered {r['dead_lettered']}",
         f"  lost {len(r['lost'])}, doubled {len(r['doubled_settlements'])}, generations not "
         f"settled {len(r['not_settled'])}",
+        f"  poison: {r['poisoned']} saga rows corrupted, not parked "
+        f"{len(r['poisoned_unparked'])}; parked (by reason): "
+        f"{json.dumps(r['parked'], sort_keys=True)}",
+        f"  healthy sagas stalled {len(r['healthy_stalled'])}; worst lateness of a healthy "
+        f"deadline {r['worst_lateness_s']} s",
         f"  RESULT: {'OK' if r['ok'] else 'FAILED'}",
     ]
     return "\n".join(lines)
@@ -376,8 +477,10 @@ def main() -> int:
     parser.add_argument("--kills", type=int, default=6)
     parser.add_argument("--seed", type=int, default=11)
     parser.add_argument("--deadline", type=float, default=3.0)
+    parser.add_argument("--poison", action="store_true",
+                        help="also corrupt saga rows and send deeply nested results")
     args = parser.parse_args()
-    report = run(args.generations, args.kills, args.seed, args.deadline)
+    report = run(args.generations, args.kills, args.seed, args.deadline, poison=args.poison)
     return 0 if report["ok"] else 1
 
 

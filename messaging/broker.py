@@ -30,6 +30,9 @@ log = logging.getLogger(__name__)
 
 # After a delivery goes back (database down), its consumer waits this long before the next.
 RETRY_PAUSE_S = 1.0
+# How often a result has been republished after a transient failure (see ResultConsumer).
+ATTEMPTS_HEADER = "x-aigen-attempts"
+ORIGINAL_ROUTING_KEY = "x-original-routing-key"
 
 # (exchange, type) declared at start-up; all durable.
 EXCHANGES = [
@@ -66,6 +69,7 @@ class Delivery:
     message_id: str | None = None
     headers: dict[str, Any] = field(default_factory=dict)
     redelivered: bool = False
+    queue: str | None = None  # the queue it was consumed from
 
 
 class Disposition(Enum):
@@ -85,6 +89,10 @@ class Broker(Protocol):
 
     def consume(self, queue: str, handler: Callable[[Delivery], Disposition]) -> None:
         """Start consuming ``queue`` in the background."""
+
+    def redeliver(self, delivery: Delivery, headers: dict[str, Any]) -> None:
+        """Publish ``delivery`` again to the back of its queue with ``headers`` added; return
+        once the broker confirmed it (raise otherwise). The caller then acks the original."""
 
     def healthy(self) -> bool: ...
 

@@ -1,57 +1,77 @@
 """Turns deliveries from ``orchestrator.generation.results`` into saga commands.
 
-The policy for everything a producer can get wrong sits here: bodies that are not JSON or
-break the schema are dead-lettered with a reason; anything well-formed goes to the saga, which
-applies it or records why not (duplicate, stale job, wrong state). A transient failure (the
-database is down) hands the message back to the broker instead of losing it.
+The policy for everything a producer can get wrong sits here: bodies that are not JSON, are
+nested deeper than 32 levels or break the schema are dead-lettered once with a reason;
+anything well-formed goes to the saga, which applies it or records why not (duplicate, stale
+job, wrong state).
+
+A failure while applying is classified (:func:`saga.retry.classify`). A *transient* one (the
+database or billing unreachable) is retried within the one retry policy's budget: after the
+backoff the message is republished to the back of its queue with ``x-aigen-attempts`` + 1 —
+confirmed by the broker *before* the original is acked, so nothing is lost (a crash in between
+at worst repeats it, and the inbox drops the repeat). The count travels with the message, so
+it survives restarts and redelivery to other consumers. A *permanent* failure (billing
+refused, a saga row that does not load, a bug) or an exhausted budget dead-letters the message
+once with ``x-rejection-reason`` and parks its saga (``attention`` kind ``result``).
 """
 
 from __future__ import annotations
 
-import json
 import logging
+import time
 from typing import Any
 
 from pydantic import TypeAdapter, ValidationError
-from sqlalchemy.exc import InterfaceError, OperationalError
 
-from messaging.broker import Broker, Delivery, Disposition
+from messaging.broker import ATTEMPTS_HEADER, Broker, Delivery, Disposition
 from messaging.schemas import Result
-from saga.commands import ApplyResult
-from saga.errors import BillingUnavailable
+from saga.commands import ApplyResult, Park
+from saga.failures import FAILURE_LOG
 from saga.handlers import UNKNOWN_GENERATION
+from saga.input_policy import JsonInvalid, JsonTooDeep, loads_bounded
 from saga.inputs import find_nul
 from saga.messagebus import MessageBus
 from saga.observer import Observer
+from saga.retry import RetryPolicy, classify
 
 log = logging.getLogger(__name__)
 MAX_RESULT_BYTES = 256 * 1024
+MAX_RESULT_DEPTH = 32
+# A worker sleeps through a result's backoff; past this it would hold up healthy results.
+MAX_REDELIVERY_PAUSE_S = 5.0
 _RESULT = TypeAdapter(Result)
 
 
+def attempts_of(delivery: Delivery) -> int:
+    """How often this result was republished after a transient failure (0: never)."""
+    raw = delivery.headers.get(ATTEMPTS_HEADER, 0)
+    if isinstance(raw, bytes):
+        raw = raw.decode(errors="replace")
+    try:
+        return max(0, int(raw))
+    except (TypeError, ValueError):
+        return 0
+
+
 class ResultConsumer:
-    def __init__(self, bus: MessageBus, broker: Broker, observer: Observer) -> None:
+    def __init__(self, bus: MessageBus, broker: Broker, observer: Observer,
+                 retry: RetryPolicy | None = None) -> None:
         self.bus = bus
         self.broker = broker
         self.observer = observer
+        policy = retry or bus.ctx.retry
+        self.retry = policy.limited(cap=min(policy.cap, MAX_REDELIVERY_PAUSE_S))
 
     def handle(self, delivery: Delivery) -> Disposition:
         command_or_reason = parse_result(delivery.body)
         if isinstance(command_or_reason, str):
-            self.observer.count("dead_lettered", reason=command_or_reason.split(":")[0])
-            log.warning("dead-lettering result: %s", command_or_reason)
-            self.broker.dead_letter(delivery, command_or_reason)
+            self._dead_letter(delivery, command_or_reason)
             return Disposition.ACK
         try:
             outcome = self.bus.handle(command_or_reason)
-        except (OperationalError, InterfaceError, BillingUnavailable) as exc:
-            log.warning("cannot apply the result now (%s); returning it to the broker", exc)
-            return Disposition.RETRY
-        except Exception as exc:  # a bug must not stall the queue: park the message instead
-            log.exception("result could not be processed; dead-lettering it")
-            self.observer.count("dead_lettered", reason="processing_error")
-            self.broker.dead_letter(delivery, f"processing_error: {type(exc).__name__}")
-            return Disposition.ACK
+        except Exception as exc:
+            return self._failed(delivery, command_or_reason, exc)
+        FAILURE_LOG.recovered("applying a result")
         if outcome == UNKNOWN_GENERATION:
             log.warning("result for unknown generation %s (job %s)",
                         command_or_reason.generation_id, command_or_reason.job_id)
@@ -59,14 +79,55 @@ class ResultConsumer:
                                 outcome=outcome)
         return Disposition.ACK
 
+    def _failed(self, delivery: Delivery, cmd: ApplyResult, exc: Exception) -> Disposition:
+        cause = classify(exc)
+        detail = f"{type(exc).__name__}: {exc}"[:500]
+        attempt = attempts_of(delivery) + 1
+        if cause == "transient" and self.retry.allows(attempt):
+            FAILURE_LOG.failed("applying a result", f"{detail}; retry {attempt} of "
+                               f"{self.retry.max_attempts}")
+            time.sleep(self.retry.delay(attempt))
+            try:
+                self.broker.redeliver(delivery, {ATTEMPTS_HEADER: attempt})
+            except Exception as pub_exc:  # broker trouble too: hand it back unchanged
+                FAILURE_LOG.failed("republishing a result", str(pub_exc))
+                return Disposition.RETRY
+            self.observer.count("result_redeliveries")
+            return Disposition.ACK
+        label = "permanent"
+        if cause == "transient":
+            label = "budget"
+            reason = (f"retry_budget_exhausted: {attempt - 1} retries, last {detail}")
+        else:
+            reason = f"processing_error: {detail}"
+            if FAILURE_LOG.failed("processing a result", f"{cmd.generation_id}: {detail}",
+                                  level=logging.ERROR):
+                log.error("the failure behind it", exc_info=exc)
+        self._park(cmd.generation_id, reason, label)
+        self._dead_letter(delivery, reason)
+        return Disposition.ACK
+
+    def _park(self, generation_id: str, reason: str, cause: str) -> None:
+        try:
+            self.bus.handle(Park(generation_id, "result", reason, cause))
+        except Exception as exc:  # the database is down too: the dead letter still keeps it
+            FAILURE_LOG.failed("parking a saga", f"{generation_id}: {exc}")
+
+    def _dead_letter(self, delivery: Delivery, reason: str) -> None:
+        self.observer.count("dead_lettered", reason=reason.split(":")[0])
+        FAILURE_LOG.failed("results dead-lettered", reason[:200])
+        self.broker.dead_letter(delivery, reason)
+
 
 def parse_result(body: bytes) -> ApplyResult | str:
     """The command for a result body, or the reason it must be dead-lettered."""
     if len(body) > MAX_RESULT_BYTES:
         return f"too_large: {len(body)} bytes (limit {MAX_RESULT_BYTES})"
     try:
-        data: Any = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+        data: Any = loads_bounded(body, MAX_RESULT_DEPTH)
+    except JsonTooDeep:
+        return f"schema: body: nested deeper than {MAX_RESULT_DEPTH} levels"
+    except JsonInvalid:
         return "not_json: the body is not UTF-8 JSON"
     nul = find_nul(data)
     if nul is not None:

@@ -12,6 +12,7 @@ import queue
 import threading
 import uuid
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from messaging.broker import (
     EXCHANGES,
@@ -27,14 +28,18 @@ from saga.messages import DEAD_LETTER_EXCHANGE, UNROUTABLE_QUEUE, OutboundMessag
 
 
 class InProcessBroker:
-    def __init__(self, *, keep_unroutable: bool = False) -> None:
+    """``keep_published=True`` (tests) keeps a copy of every message sent in ``published``;
+    the embedded service leaves it off, so a long run does not grow without bound."""
+
+    def __init__(self, *, keep_unroutable: bool = False, keep_published: bool = False) -> None:
         # The embedded mode runs no notification or Odoo consumer, so every notification
         # would be unroutable there: parking them is opt-in (tests), as RabbitMQ does always.
         self.keep_unroutable = keep_unroutable
         self.exchange_types = dict(EXCHANGES)
         self.bindings: list[tuple[str, str, str]] = []  # (exchange, pattern, queue)
         self.queues: dict[str, queue.Queue[Delivery]] = {}
-        self.published: list[OutboundMessage] = []  # everything sent, for tests and demos
+        self.keep_published = keep_published
+        self.published: list[OutboundMessage] = []  # what was sent, if keep_published
         self._threads: list[threading.Thread] = []
         self._stop = threading.Event()
         for name, _args, binds in QUEUES:
@@ -48,9 +53,10 @@ class InProcessBroker:
 
     def publish(self, messages: Sequence[OutboundMessage]) -> list[bool]:
         for msg in messages:
-            if msg.payload is not None and not msg.body:  # read back from the outbox
-                msg = dataclasses.replace(msg, body=json.loads(msg.payload))
-            self.published.append(msg)
+            if self.keep_published:
+                if msg.payload is not None and not msg.body:  # read back from the outbox
+                    msg = dataclasses.replace(msg, body=json.loads(msg.payload))
+                self.published.append(msg)
             routed = self.route(msg.exchange, msg.routing_key,
                                 Delivery(msg.encode(), msg.routing_key, msg.message_id))
             if not routed and self.keep_unroutable:
@@ -64,7 +70,7 @@ class InProcessBroker:
         routed = 0
         for ex, pattern, name in self.bindings:
             if ex == exchange and (fanout or topic_matches(pattern, routing_key)):
-                self.queues[name].put(delivery)
+                self.queues[name].put(dataclasses.replace(delivery, queue=name))
                 routed += 1
         return routed
 
@@ -74,6 +80,12 @@ class InProcessBroker:
         self.route(DEAD_LETTER_EXCHANGE, delivery.routing_key,
                    Delivery(delivery.body, delivery.routing_key,
                             delivery.message_id or str(uuid.uuid4()), headers))
+
+    def redeliver(self, delivery: Delivery, headers: dict[str, Any]) -> None:
+        if delivery.queue is None:
+            raise ValueError("a delivery without its queue cannot be redelivered")
+        self.queues[delivery.queue].put(dataclasses.replace(
+            delivery, headers={**delivery.headers, **headers}, redelivered=False))
 
     def consume(self, queue_name: str, handler: Callable[[Delivery], Disposition]) -> None:
         q = self.queues[queue_name]

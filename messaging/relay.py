@@ -13,8 +13,10 @@ from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from messaging.broker import Broker
+from saga.failures import FAILURE_LOG
 from saga.messages import OutboundMessage
 from saga.observer import Observer
+from saga.retry import RetryPolicy
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +35,7 @@ class OutboxRelay:
     def __init__(self, store: OutboxStore, broker: Broker, observer: Observer, *,
                  batch_size: int = 500, idle_interval: float = 0.05,
                  max_idle_interval: float = 2.0, coalesce: float = 0.005,
-                 max_backoff: float = 5.0) -> None:
+                 max_backoff: float = 5.0, retry: RetryPolicy | None = None) -> None:
         self.store = store
         self.broker = broker
         self.observer = observer
@@ -44,7 +46,9 @@ class OutboxRelay:
         # of another process (one that died before relaying them) are picked up.
         self.max_idle_interval = max(idle_interval, max_idle_interval)
         self.coalesce = coalesce
-        self.max_backoff = max_backoff
+        # Publish retries: the rows stay in the outbox, so the budget never runs out here;
+        # only the delay between tries follows the policy, capped at ``max_backoff``.
+        self.retry = (retry or RetryPolicy(base=0.2)).limited(cap=max_backoff)
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
@@ -67,17 +71,19 @@ class OutboxRelay:
         self._thread.start()
 
     def _run(self) -> None:
-        backoff = 0.0
+        failures = 0
         idle = self.idle_interval
         while not self._stop.is_set():
             try:
                 claimed = self.run_once()
-                backoff = 0.0
             except Exception as exc:  # broker or database down: keep the rows, back off
-                backoff = min(max(backoff * 2, 0.2), self.max_backoff)
-                log.warning("outbox relay: %s; retrying in %.1fs", exc, backoff)
-                self._stop.wait(backoff)
+                failures += 1
+                FAILURE_LOG.failed("outbox relay", f"{type(exc).__name__}: {exc}")
+                self._stop.wait(self.retry.delay(failures))
                 continue
+            if failures:
+                failures = 0
+                FAILURE_LOG.recovered("outbox relay")
             idle = self.idle_interval if claimed else min(idle * 2, self.max_idle_interval)
             if claimed < self.batch_size:
                 if self._wake.wait(idle):

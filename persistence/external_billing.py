@@ -21,9 +21,16 @@ from sqlalchemy import Connection, Engine, func, select, update
 
 from persistence.ledger import close_hold, count_sample_rounds, from_cents, record_hold
 from persistence.tables import holds
-from saga.errors import BillingUnavailable, DomainError, InsufficientCredits, QuotaExceeded
+from saga.errors import (
+    BillingRefused,
+    BillingUnavailable,
+    DomainError,
+    InsufficientCredits,
+    QuotaExceeded,
+)
 from saga.ports import Account, HoldRequest
 from saga.pricing import fmt, money
+from saga.retry import RetryPolicy
 
 log = logging.getLogger(__name__)
 
@@ -45,20 +52,31 @@ def reap_pending_holds(engine: Engine, client: HttpBillingClient, now: datetime,
     A ``pending`` row older than :data:`PENDING_GRACE` belongs to a request that rolled back
     or to a process that died mid-request: the backend may hold credits for it, nobody will
     ever settle them, so they are released (idempotently; 404 means nothing was held).
+
+    The rows are claimed with ``FOR UPDATE SKIP LOCKED`` and stay locked until they are marked
+    released: a reservation whose transaction is still alive holds its row's lock (see
+    :meth:`ExternalBilling.reserve`), so however late it is, it is skipped rather than
+    released under it; two reapers side by side never take the same row.
     """
-    with engine.connect() as conn:
+    released = 0
+    with engine.connect() as conn, conn.begin():
         stale = conn.execute(select(holds.c.hold_id).where(
             holds.c.status == "pending", holds.c.created_at < now - PENDING_GRACE)
-            .order_by(holds.c.created_at).limit(limit)).scalars().all()
-    released = 0
-    for hold_id in stale:
-        response = client.call("POST", f"/holds/{hold_id}/release")
-        if response.status_code in (200, 201, 204, 404):
-            _mark_released(engine, hold_id)
-            released += 1
-        else:
-            log.error("billing refused to release stale hold %s: %s", hold_id,
-                      response.status_code)
+            .order_by(holds.c.created_at).limit(limit)
+            .with_for_update(skip_locked=True)).scalars().all()
+        for hold_id in stale:
+            try:
+                response = client.call("POST", f"/holds/{hold_id}/release")
+            except BillingUnavailable as exc:
+                log.error("could not release stale hold %s: %s", hold_id, exc)
+                continue
+            if response.status_code in (200, 201, 204, 404):
+                conn.execute(update(holds).where(holds.c.hold_id == hold_id)
+                             .values(status="released", settled_at=datetime.now(UTC)))
+                released += 1
+            else:
+                log.error("billing refused to release stale hold %s: %s", hold_id,
+                          response.status_code)
     return released
 
 
@@ -66,34 +84,50 @@ class ExternalBillingNotSupported(DomainError):
     code = "external_billing"
 
 
+def is_transient_status(status: int) -> bool:
+    """5xx and 429 (rate limited) may pass if asked again later; other answers will not."""
+    return status >= 500 or status == 429
+
+
+def refused(status: int, what: str) -> BillingRefused:
+    """A 4xx that asking again will not change: the step parks instead of retrying."""
+    return BillingRefused(f"billing refused {what} with HTTP {status}", status=status)
+
+
 class HttpBillingClient:
-    """Thin HTTP client with timeouts and a few quick retries; shared by all threads."""
+    """Thin HTTP client with timeouts and a few quick retries; shared by all threads.
+
+    Retries follow the service's one :class:`~saga.retry.RetryPolicy`, with a budget small
+    enough for a request: by default ``attempts`` calls ``backoff`` seconds apart, doubling.
+    """
 
     def __init__(self, base_url: str, *, timeout: float = 2.0, attempts: int = 3,
-                 backoff: float = 0.1, transport: httpx.BaseTransport | None = None) -> None:
+                 backoff: float = 0.1, transport: httpx.BaseTransport | None = None,
+                 policy: RetryPolicy | None = None) -> None:
         self.http = httpx.Client(base_url=base_url.rstrip("/"), timeout=timeout,
                                  transport=transport)
-        self.attempts = attempts
-        self.backoff = backoff
+        self.policy = policy or RetryPolicy(base=backoff, cap=1.0, jitter=0.5,
+                                            max_attempts=attempts - 1)
 
     def call(self, method: str, path: str, json: dict[str, Any] | None = None,
              ok: tuple[int, ...] = (200, 201, 204)) -> httpx.Response:
-        """Return the first answer that is not a transport error or a 5xx.
-
-        Raises :class:`BillingUnavailable` when every attempt failed that way.
-        """
+        """Return the first answer that is not a transient failure (transport error, timeout,
+        5xx, 429). Raises :class:`BillingUnavailable` when the retry budget ran out."""
         last: str = ""
-        for attempt in range(self.attempts):
+        retry = 0
+        while True:
             try:
                 response = self.http.request(method, path, json=json)
             except httpx.HTTPError as exc:
                 last = f"{type(exc).__name__}: {exc}"
             else:
-                if response.status_code < 500:
+                if not is_transient_status(response.status_code):
                     return response
                 last = f"HTTP {response.status_code}"
-            if attempt + 1 < self.attempts:
-                time.sleep(self.backoff * (2 ** attempt))
+            retry += 1
+            if not self.policy.allows(retry):
+                break
+            time.sleep(self.policy.delay(retry))
         raise BillingUnavailable(f"billing backend {method} {path} failed: {last}")
 
     def close(self) -> None:
@@ -117,7 +151,7 @@ class ExternalBilling:
         if response.status_code == 404:
             return None
         if response.status_code != 200:
-            raise BillingUnavailable(f"unexpected answer {response.status_code} for account")
+            raise refused(response.status_code, f"the account {user_id}")
         data = response.json()
         try:
             available = money(Decimal(str(data["available"])))
@@ -139,6 +173,14 @@ class ExternalBilling:
         if self.durable:
             with self.conn.engine.connect() as side, side.begin():
                 record_hold(side, hold, month, status="pending")
+            # Lock the row in our transaction before asking the backend, and keep the lock
+            # until we commit or roll back: the reaper skips locked rows, so it can never
+            # release a reservation whose request or commit is merely slow.
+            status = self.conn.execute(select(holds.c.status)
+                                       .where(holds.c.hold_id == hold.hold_id)
+                                       .with_for_update()).scalar_one()
+            if status != "pending":  # only if our clock is far behind the reaper's
+                raise BillingUnavailable(f"hold {hold.hold_id} was reaped before it was made")
         response = self.client.call("POST", "/holds", json={
             "hold_id": hold.hold_id, "user_id": hold.user_id, "amount": fmt(hold.amount),
             "reason": f"{hold.stage} for generation {hold.generation_id}"})
@@ -146,11 +188,13 @@ class ExternalBilling:
             raise InsufficientCredits(f"{money(hold.amount)} credits needed",
                                       required=fmt(hold.amount))
         if response.status_code not in (200, 201):
-            raise BillingUnavailable(f"unexpected answer {response.status_code} to a hold")
+            raise refused(response.status_code, f"the hold {hold.hold_id}")
         if self.durable:
-            self.conn.execute(update(holds).where(holds.c.hold_id == hold.hold_id,
-                                                  holds.c.status == "pending")
-                              .values(status="open"))
+            opened = self.conn.execute(update(holds).where(holds.c.hold_id == hold.hold_id,
+                                                           holds.c.status == "pending")
+                                       .values(status="open"))
+            if opened.rowcount != 1:  # cannot happen while we hold the lock; never claim it
+                raise BillingUnavailable(f"hold {hold.hold_id} is no longer pending")
         else:
             record_hold(self.conn, hold, month)
 
@@ -161,7 +205,7 @@ class ExternalBilling:
             return
         if response.status_code == 404 and not commit:
             return  # the backend never held it: nothing to release
-        raise BillingUnavailable(f"billing answered {response.status_code} to {op} {hold_id}")
+        raise refused(response.status_code, f"to {op} {hold_id}")
 
     def settle(self, hold_id: str, *, commit: bool, at: datetime) -> bool:
         return close_hold(self.conn, hold_id, commit=commit, at=at) is not None

@@ -71,10 +71,18 @@ generations = Table(
     Column("updated_at", UTCDateTime, nullable=False),
     Column("due_at", UTCDateTime, nullable=True),
     Column("body", JSONType, nullable=False),
+    # Parking (migration 0003): set while a saga waits for support; the sweeper skips it.
+    Column("attention_reason", String(1000), nullable=True),
+    Column("attention_kind", String(16), nullable=True),  # timer | compensation | result
+    Column("attention_since", UTCDateTime, nullable=True),
+    Column("fire_failures", Integer, nullable=False, server_default=text("0")),
     Index(None, "user_id", "created_at", "id"),
     Index(None, "state", "created_at", "id"),
     Index(None, "created_at", "id"),
     Index(None, "due_at"),
+    Index("ix_generations_attention", "attention_since", "id",
+          postgresql_where=text("attention_since IS NOT NULL"),
+          sqlite_where=text("attention_since IS NOT NULL")),
 )
 
 generation_events = Table(

@@ -9,12 +9,19 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, and_, bindparam, insert, or_, select, update
 
+from persistence.attention import (
+    attention_list,
+    park_row,
+    record_fire_failure,
+    unpark_row,
+)
 from persistence.dead_letters import SqlDeadLetters
 from persistence.ledger import SqlLedger
 from persistence.sql import insert_ignore, json_dumps
 from persistence.tables import generation_events, generations, idempotency_keys, inbox, outbox
 from saga import intents as it
-from saga.errors import ConcurrencyConflict
+from saga.errors import ConcurrencyConflict, UnloadableSaga
+from saga.failures import FAILURE_LOG
 from saga.messages import OutboundMessage, iso
 from saga.model import Generation
 from saga.ports import (
@@ -71,8 +78,20 @@ def saga_from_row(row: Any) -> Generation:
     return Generation(
         id=row.id, user_id=row.user_id, state=row.state, version=row.version,
         created_at=row.created_at, updated_at=row.updated_at, due_at=row.due_at, **known,
+        attention=attention_of(row),
     )
 
+
+def attention_of(row: Any) -> dict[str, Any] | None:
+    """The ``attention`` field of the Generation resource, from a generations row."""
+    since = getattr(row, "attention_since", None)
+    if since is None:
+        return None
+    return {"reason": row.attention_reason, "since": iso(since), "kind": row.attention_kind}
+
+
+# What a corrupt body makes saga_from_row raise (missing or mistyped fields).
+_LOAD_ERRORS = (KeyError, TypeError, ValueError, AttributeError, ArithmeticError)
 
 # Hot-path statements are built once; each execution only binds parameters.
 _GET = select(generations).where(generations.c.id == bindparam("gid"))
@@ -83,7 +102,12 @@ _SAVE = (update(generations)
                 generations.c.version == bindparam("expected_version"))
          .values(state=bindparam("state"), version=bindparam("new_version"),
                  updated_at=bindparam("updated_at"), due_at=bindparam("due_at"),
-                 body=bindparam("body")))
+                 body=bindparam("body"), fire_failures=0))
+# The sweeper's claim: the earliest passed deadline of a saga that is not parked.
+_CLAIM_DUE = (select(generations.c.id)
+              .where(generations.c.due_at <= bindparam("now"),
+                     generations.c.attention_since.is_(None))
+              .order_by(generations.c.due_at).limit(1).with_for_update(skip_locked=True))
 
 
 class SqlGenerations:
@@ -103,7 +127,12 @@ class SqlGenerations:
             self.writes.flush()
         row = self.conn.execute(_GET_FOR_UPDATE if for_update else _GET,
                                 {"gid": generation_id}).first()
-        return saga_from_row(row) if row else None
+        if row is None:
+            return None
+        try:
+            return saga_from_row(row)
+        except _LOAD_ERRORS as exc:
+            raise UnloadableSaga(generation_id, f"{type(exc).__name__}: {exc}") from exc
 
     def add(self, saga: Generation) -> None:
         if self.writes is not None:
@@ -127,13 +156,39 @@ class SqlGenerations:
         saga.version += 1
 
     def claim_due(self, now: datetime) -> Generation | None:
+        self._flush()
+        gid = self.conn.execute(_CLAIM_DUE, {"now": now}).scalar()
+        if gid is None:
+            return None
+        try:
+            row = self.conn.execute(_GET, {"gid": gid}).first()
+            return saga_from_row(row)
+        except _LOAD_ERRORS as exc:
+            raise UnloadableSaga(gid, f"{type(exc).__name__}: {exc}") from exc
+
+    # -- parking (plain SQL by id: works when the row cannot be loaded into a Generation) --
+    def park(self, generation_id: str, kind: str, reason: str, now: datetime) -> bool:
+        self._flush()  # plain SQL on the row: the buffered write goes first
+        return park_row(self.conn, generation_id, kind, reason, now)
+
+    def fire_failed(self, generation_id: str, retry_at: Callable[[int], datetime]) -> int:
+        self._flush()  # plain SQL on the row: the buffered write goes first
+        return record_fire_failure(self.conn, generation_id, retry_at)
+
+    def unpark(self, generation_id: str, now: datetime, *, actor: str, reason: str,
+               due_now: bool) -> bool | None:
+        self._flush()  # plain SQL on the row: the buffered write goes first
+        return unpark_row(self.conn, generation_id, now, actor=actor, reason=reason,
+                          due_now=due_now)
+
+    def attention(self, limit: int, after: tuple[datetime, str] | None
+                  ) -> list[dict[str, Any]]:
+        self._flush()  # plain SQL on the row: the buffered write goes first
+        return attention_list(self.conn, limit, after)
+
+    def _flush(self) -> None:
         if self.writes is not None:
             self.writes.flush()
-        row = self.conn.execute(
-            select(generations).where(generations.c.due_at <= now)
-            .order_by(generations.c.due_at).limit(1).with_for_update(skip_locked=True)
-        ).first()
-        return saga_from_row(row) if row else None
 
     def search(self, *, user_id: str | None, state: str | None, limit: int,
              after: tuple[datetime, str] | None) -> list[Generation]:
@@ -150,7 +205,15 @@ class SqlGenerations:
                                     and_(generations.c.created_at == at,
                                          generations.c.id < last_id)))
         query = query.order_by(generations.c.created_at.desc(), generations.c.id.desc())
-        return [saga_from_row(r) for r in self.conn.execute(query.limit(limit))]
+        found = []
+        for row in self.conn.execute(query.limit(limit)):
+            try:
+                found.append(saga_from_row(row))
+            except _LOAD_ERRORS as exc:  # one corrupt row must not take the listing down
+                FAILURE_LOG.failed("listing generations",
+                                   f"row {row.id} does not load ({type(exc).__name__}); "
+                                   "left out (it is parked when its deadline fires)")
+        return found
 
 
 _INSERT_EVENT = insert(generation_events)
@@ -390,4 +453,7 @@ class SqlUnitOfWork:
             self.after_commit()
 
     def rollback(self) -> None:
-        self.tx.rollback()
+        """Roll back, and undo what billing did outside the database (remote holds)."""
+        if self.tx.is_active:
+            self.tx.rollback()
+            self.billing.abandon()

@@ -130,3 +130,22 @@ class ReplayDeadLetter:
 class DiscardDeadLetter:
     dead_letter_id: str
     reason: str
+
+
+# ------------------------------------------------------------------ parking (support)
+@dataclass(frozen=True)
+class Park:
+    """Park a saga for support (by id; works when its row cannot be loaded)."""
+
+    generation_id: str
+    kind: str  # timer | compensation | result
+    reason: str
+    cause: str = "permanent"  # metric label: permanent | budget
+
+
+@dataclass(frozen=True)
+class SupportRetry:
+    """Support: clear a parked saga's ``attention`` and run the parked step again now."""
+
+    generation_id: str
+    reason: str

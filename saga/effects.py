@@ -29,6 +29,7 @@ from saga.model import Generation, SagaConfig
 from saga.observer import NullObserver, Observer
 from saga.ports import HoldRequest, UnitOfWork
 from saga.pricing import ZERO, fmt, month_key
+from saga.retry import RetryPolicy
 
 T = TypeVar("T")
 
@@ -46,6 +47,7 @@ class Context:
     clock: Callable[[], datetime] = utcnow
     observer: Observer = field(default_factory=NullObserver)
     max_conflict_retries: int = 8
+    retry: RetryPolicy = field(default_factory=RetryPolicy)  # AIGEN_RETRY_* (saga/retry.py)
 
     def retrying(self, attempt: Callable[[], T]) -> T:
         """Run ``attempt`` again when another writer moved the saga on meanwhile."""
@@ -96,6 +98,12 @@ def _defer_compensation(ctx: Context, uow: UnitOfWork, saga: Generation, snapsho
         saga.note(actor, {"compensation": "billing backend still unavailable",
                           "tries": comp.tries})
         ctx.observer.count("compensation_retries")
+        if not ctx.config.compensation_policy().allows(comp.tries):
+            apply_intents(ctx, uow, saga, saga.take_pending(), now)
+            park(ctx, uow, saga.id, "compensation",
+                 f"retry budget exhausted: billing did not answer {comp.tries} releases",
+                 now, cause="budget")
+            return
     else:
         error = payload.error if isinstance(payload, tg.ResultFailed | tg.Compensated) else None
         fire(saga, tg.BillingUnavailable(
@@ -104,6 +112,16 @@ def _defer_compensation(ctx: Context, uow: UnitOfWork, saga: Generation, snapsho
             now=now, actor=actor, config=ctx.config)
         ctx.observer.count("compensations")
     apply_intents(ctx, uow, saga, saga.take_pending(), now)
+
+
+def park(ctx: Context, uow: UnitOfWork, generation_id: str, kind: str, reason: str,
+         now: datetime, *, cause: str) -> bool:
+    """Park a saga in ``uow`` (plain SQL by id): it keeps its state and holds, the sweeper
+    skips it, support sees it in the attention list. ``cause``: a metric label."""
+    parked = uow.generations.park(generation_id, kind, reason, now)
+    if parked:
+        ctx.observer.count("parked", kind=kind, cause=cause)
+    return parked
 
 
 # ------------------------------------------------------------------ intents -> rows
@@ -147,13 +165,33 @@ def _reserve(a: Applying, intent: it.Reserve) -> None:
 
 
 def _commit(a: Applying, intent: it.Commit) -> None:
-    a.uow.billing.settle(intent.hold_id, commit=True, at=a.now)
-    a.credit("commit", intent.hold_id, intent.amount, intent.stage)
+    if a.uow.billing.settle(intent.hold_id, commit=True, at=a.now):
+        a.credit("commit", intent.hold_id, intent.amount, intent.stage)
+    else:
+        a.saga.charged -= intent.amount  # the model counted it; nothing was charged
+        _credit_skipped(a, "commit", intent.hold_id, intent.amount, intent.stage)
 
 
 def _release(a: Applying, intent: it.Release) -> None:
-    a.uow.billing.settle(intent.hold_id, commit=False, at=a.now)
-    a.credit("release", intent.hold_id, intent.amount, intent.stage)
+    if a.uow.billing.settle(intent.hold_id, commit=False, at=a.now):
+        a.credit("release", intent.hold_id, intent.amount, intent.stage)
+    else:
+        a.saga.released -= intent.amount
+        _credit_skipped(a, "release", intent.hold_id, intent.amount, intent.stage)
+
+
+def _credit_skipped(a: Applying, op: str, hold_id: str, amount: Decimal, stage: str) -> None:
+    """The hold was no longer open (settled outside the saga): record that, claim nothing.
+
+    The transition still goes ahead — the user gets the result or the cancellation; only the
+    money step did not happen here — so the history says so with a ``note`` instead of a
+    ``credit`` step, the saga's credit summary counts only what it moved, and the metric
+    ``credits{op="<op>_skipped"}`` lets support find it.
+    """
+    a.history(it.HistoryEntry(kind="note", actor="system", detail={
+        "credit_skipped": op, "hold_id": hold_id, "amount": fmt(amount), "stage": stage,
+        "reason": "hold_not_open"}))
+    a.ctx.observer.count("credits", op=f"{op}_skipped")
 
 
 def _waive(a: Applying, intent: it.Waive) -> None:

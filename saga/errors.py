@@ -50,3 +50,20 @@ class ConcurrencyConflict(Exception):
 
 class BillingUnavailable(Exception):
     """The external billing backend did not answer; the step is retried later."""
+
+
+class BillingRefused(Exception):
+    """The billing backend answered with a refusal retrying will not change (a 4xx that is
+    not a conflict we can resolve): the step is not retried, the saga is parked."""
+
+    def __init__(self, message: str, *, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class UnloadableSaga(Exception):
+    """A saga row exists but cannot be loaded into a ``Generation`` (a corrupt body)."""
+
+    def __init__(self, generation_id: str, cause: str) -> None:
+        super().__init__(f"generation {generation_id} cannot be loaded: {cause}")
+        self.generation_id = generation_id

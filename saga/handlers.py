@@ -22,6 +22,7 @@ from saga.commands import (
     DiscardDeadLetter,
     FireDeadlines,
     Grant,
+    Park,
     Regenerate,
     ReplayDeadLetter,
     SelectSample,
@@ -31,14 +32,24 @@ from saga.commands import (
     StoreResponse,
     SupportCancel,
     SupportResolve,
+    SupportRetry,
 )
-from saga.effects import Context, apply_intents, transition
-from saga.errors import DomainError, InvalidRequest, InvalidState, NotFound
+from saga.effects import Context, apply_intents, park, transition
+from saga.errors import (
+    ConcurrencyConflict,
+    DomainError,
+    InvalidRequest,
+    InvalidState,
+    NotFound,
+    UnloadableSaga,
+)
+from saga.failures import FAILURE_LOG
 from saga.machine import MACHINE, fire
 from saga.messages import OutboundMessage
 from saga.model import Generation, new_id
 from saga.ports import AlreadyAnswered, DeadLetter, IdempotencyRecord, UnitOfWork
 from saga.pricing import PLANS, ZERO, Resolution, fmt, money
+from saga.retry import classify
 from saga.views import account_view, dead_letter_view, generation_view
 
 View = dict[str, Any]
@@ -301,23 +312,42 @@ def _timer_payload(saga: Generation) -> tg.Trigger:
 
 
 def _fire_one_due(ctx: Context) -> bool:
+    """Fire the earliest passed deadline. A firing that raises never blocks the others: the
+    saga's deadline moves by the retry policy's backoff (transient), or it is parked
+    (permanent, or past the budget); only a failure to claim at all propagates."""
     now = ctx.clock()
-    with ctx.uow_factory() as uow:
-        saga = uow.generations.claim_due(now)
-        if saga is None:
-            return False
-        kind = saga.due_kind
-        try:
-            fired = transition(ctx, uow, saga, _timer_payload(saga), "timer", now)
-        except InvalidState:
-            fired = False
-        if not fired:
-            # A timer the saga no longer accepts must not be claimed again and again.
-            saga.due_at = saga.due_kind = None
-            saga.note("timer", {"ignored_timer": kind, "state": saga.state})
-            apply_intents(ctx, uow, saga, saga.take_pending(), now)
-        ctx.observer.count("deadlines", kind=str(kind))
-        uow.commit()
+    claimed: str | None = None
+    kind = "timer"
+    try:
+        with ctx.uow_factory() as uow:
+            try:
+                saga = uow.generations.claim_due(now)
+            except UnloadableSaga as exc:
+                claimed = exc.generation_id
+                raise
+            if saga is None:
+                return False
+            claimed = saga.id
+            due_kind = saga.due_kind
+            kind = "compensation" if due_kind == "compensate" else "timer"
+            try:
+                fired = transition(ctx, uow, saga, _timer_payload(saga), "timer", now)
+            except InvalidState:
+                fired = False
+            if not fired:
+                # A timer the saga no longer accepts must not be claimed again and again.
+                saga.due_at = saga.due_kind = None
+                saga.note("timer", {"ignored_timer": due_kind, "state": saga.state})
+                apply_intents(ctx, uow, saga, saga.take_pending(), now)
+            ctx.observer.count("deadlines", kind=str(due_kind))
+            uow.commit()
+            return True
+    except ConcurrencyConflict:
+        raise  # another writer moved the saga on: ctx.retrying fires it again
+    except Exception as exc:
+        if claimed is None:
+            raise  # could not even claim (database down): the sweeper backs off
+        _fire_failed(ctx, claimed, kind, exc, now)
         return True
 
 
@@ -405,8 +435,7 @@ def store_dead_letter(ctx: Context, cmd: StoreDeadLetter,
                                 "open")
             if not uow.dead_letters.add(letter, cmd.message_key):
                 return False
-            saga = (uow.generations.get(cmd.generation_id, for_update=True)
-                    if cmd.generation_id else None)
+            saga = _saga_to_note(uow, cmd.generation_id)
             if saga is not None:
                 saga.note("system", {"dead_lettered": letter.id,
                                      "reason": letter.reason[:200],
@@ -468,10 +497,20 @@ def _open_letter(uow: UnitOfWork, dead_letter_id: str) -> DeadLetter:
     return letter
 
 
+def _saga_to_note(uow: UnitOfWork, generation_id: str | None) -> Generation | None:
+    """The saga a dead letter names, to note it in its history; None when unknown or when its
+    row cannot be loaded (a poisoned saga is parked on its own: the letter is kept anyway)."""
+    if not generation_id:
+        return None
+    try:
+        return uow.generations.get(generation_id, for_update=True)
+    except UnloadableSaga:
+        return None
+
+
 def _note_letter(ctx: Context, uow: UnitOfWork, letter: DeadLetter, action: str,
                  reason: str, now: datetime) -> None:
-    saga = (uow.generations.get(letter.generation_id, for_update=True)
-            if letter.generation_id else None)
+    saga = _saga_to_note(uow, letter.generation_id)
     if saga is None:
         return
     saga.note("support", {"action": action, "reason": reason, "dead_letter_id": letter.id,
@@ -480,3 +519,56 @@ def _note_letter(ctx: Context, uow: UnitOfWork, letter: DeadLetter, action: str,
 
 
 __all__ = ["APPLIED", "UNKNOWN_GENERATION", "idempotent"]
+
+
+def _fire_failed(ctx: Context, generation_id: str, kind: str, exc: Exception,
+                 now: datetime) -> None:
+    cause = classify(exc)
+    reason = f"{type(exc).__name__}: {exc}"[:500]
+    ctx.observer.count("fire_failures", cause=cause)
+    with ctx.uow_factory() as uow:
+        if cause == "permanent":
+            park(ctx, uow, generation_id, kind, reason, now, cause="permanent")
+        else:
+            failures = uow.generations.fire_failed(
+                generation_id, lambda n: now + ctx.retry.delay_td(n))
+            if not ctx.retry.allows(failures):
+                park(ctx, uow, generation_id, kind,
+                     f"retry budget exhausted after {failures} failures: {reason}", now,
+                     cause="budget")
+        uow.commit()
+    FAILURE_LOG.failed(f"firing {kind} of a saga", f"{generation_id}: {reason}")
+
+
+# ------------------------------------------------------------------ parking (support)
+def park_saga(ctx: Context, cmd: Park, idem: IdempotencyRecord | None = None) -> bool:
+    """Park a saga in a fresh transaction (plain SQL by id); False if unknown or parked."""
+    def attempt() -> bool:
+        with ctx.uow_factory() as uow:
+            parked = park(ctx, uow, cmd.generation_id, cmd.kind, cmd.reason, ctx.clock(),
+                          cause=cmd.cause)
+            uow.commit()
+        return parked
+
+    return ctx.retrying(attempt)
+
+
+def support_retry(ctx: Context, cmd: SupportRetry,
+                  idem: IdempotencyRecord | None = None) -> View:
+    """Clear ``attention`` and make the parked step run again now (its deadline is due)."""
+    def work(uow: UnitOfWork, now: datetime) -> View:
+        done = uow.generations.unpark(cmd.generation_id, now, actor="support",
+                                      reason=cmd.reason, due_now=True)
+        if done is None:
+            raise NotFound(f"generation {cmd.generation_id} not found")
+        if not done:
+            raise InvalidState("nothing is parked for this generation")
+        try:
+            saga = uow.generations.get(cmd.generation_id)
+        except Exception as exc:  # still a corrupt row: keep it parked until it is repaired
+            raise InvalidState(f"the stored saga cannot be loaded ({type(exc).__name__}); "
+                               "repair its row first") from exc
+        assert saga is not None
+        return generation_view(saga)
+
+    return idempotent(ctx, idem, 200, work)

@@ -17,6 +17,7 @@ from saga.effects import Context, utcnow
 from saga.model import SagaConfig
 from saga.observer import Observer
 from saga.ports import IdempotencyRecord, UnitOfWork
+from saga.retry import RetryPolicy
 
 Handler = Callable[[Context, Any, IdempotencyRecord | None], Any]
 
@@ -36,6 +37,8 @@ HANDLERS: dict[type[Any], Handler] = {
     c.StoreDeadLetter: handlers.store_dead_letter,
     c.ReplayDeadLetter: handlers.replay_dead_letter,
     c.DiscardDeadLetter: handlers.discard_dead_letter,
+    c.Park: handlers.park_saga,
+    c.SupportRetry: handlers.support_retry,
 }
 
 
@@ -43,9 +46,11 @@ class MessageBus:
     """Routes a command to its handler with the shared :class:`~saga.effects.Context`."""
 
     def __init__(self, uow_factory: Callable[[], UnitOfWork], config: SagaConfig,
-                 clock: Callable[[], datetime] = utcnow, observer: Observer | None = None
-                 ) -> None:
+                 clock: Callable[[], datetime] = utcnow, observer: Observer | None = None,
+                 retry: RetryPolicy | None = None) -> None:
         self.ctx = Context(uow_factory, config, clock)
+        if retry is not None:
+            self.ctx.retry = retry
         if observer is not None:
             self.ctx.observer = observer
 

@@ -20,6 +20,7 @@ from saga import intents as it
 from saga import triggers as tg
 from saga.errors import UnknownSample
 from saga.pricing import ZERO, PriceBook, Stage, final_output, money
+from saga.retry import RetryPolicy
 from saga.values import Compensation, Hold, SagaError
 
 # What ``due_at`` means: a stage deadline, a retry's time, the selection window, a retry of a
@@ -78,18 +79,26 @@ class SagaConfig:
     retry_backoff_max: timedelta = timedelta(seconds=30)
     compensation_backoff_base: timedelta = timedelta(seconds=1)
     compensation_backoff_max: timedelta = timedelta(seconds=60)
+    # Compensation retries past this many tries park the saga (kind ``compensation``).
+    compensation_max_tries: int = 8
+    compensation_jitter: float = 0.0  # the settings pass AIGEN_RETRY_JITTER
     prices: PriceBook = field(default_factory=PriceBook)
     bucket: str = "creativeflow-assets"
     sample_size: int = 512
 
     def retry_delay(self, attempt: int) -> timedelta:
-        """Exponential backoff before dispatch number ``attempt + 1``."""
-        delay: timedelta = self.retry_backoff_base * (2 ** min(max(attempt - 1, 0), 20))
-        return min(delay, self.retry_backoff_max)
+        """Backoff before dispatch number ``attempt + 1`` (deterministic: no jitter)."""
+        return RetryPolicy(self.retry_backoff_base.total_seconds(),
+                           self.retry_backoff_max.total_seconds(), jitter=0).delay_td(attempt)
+
+    def compensation_policy(self) -> RetryPolicy:
+        return RetryPolicy(self.compensation_backoff_base.total_seconds(),
+                           self.compensation_backoff_max.total_seconds(),
+                           jitter=self.compensation_jitter,
+                           max_attempts=self.compensation_max_tries)
 
     def compensation_delay(self, tries: int) -> timedelta:
-        delay: timedelta = self.compensation_backoff_base * (2 ** min(max(tries - 1, 0), 20))
-        return min(delay, self.compensation_backoff_max)
+        return self.compensation_policy().delay_td(tries)
 
 
 def new_id() -> str:
@@ -137,6 +146,8 @@ class Generation:
     updated_at: datetime | None = None
     version: int = 0
     history_seq: int = 0
+    # Parked for support: {"reason", "since" (iso-8601), "kind"}; kept in columns, not the body.
+    attention: dict[str, Any] | None = None
     pending: list[it.Intent] = field(default_factory=list)
 
     # -- read helpers ---------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
@@ -56,6 +57,21 @@ class GenerationRepository(Protocol):
 
     def search(self, *, user_id: str | None, state: str | None, limit: int,
              after: tuple[datetime, str] | None) -> list[Generation]: ...
+
+    # -- parking: by id, without loading the saga (its row may not load at all) ---------
+    def park(self, generation_id: str, kind: str, reason: str, now: datetime) -> bool:
+        """Set ``attention`` and add a ``note``; False if unknown or already parked."""
+
+    def fire_failed(self, generation_id: str, retry_at: Callable[[int], datetime]) -> int:
+        """Count a failed firing, move ``due_at`` to ``retry_at(count)``; the count."""
+
+    def unpark(self, generation_id: str, now: datetime, *, actor: str, reason: str,
+               due_now: bool) -> bool | None:
+        """Clear ``attention`` with a ``note``; None if unknown, False if not parked."""
+
+    def attention(self, limit: int, after: tuple[datetime, str] | None
+                  ) -> list[dict[str, Any]]:
+        """Parked sagas oldest first: generation_id, user_id, state, attention, _since."""
 
 
 class HistoryRepository(Protocol):

@@ -53,6 +53,16 @@ class Queries:
             raise NotFound(f"account {user_id} not found")
         return account_view(account)
 
+    def attention(self, *, limit: int, after: Cursor | None
+                  ) -> tuple[list[dict[str, Any]], Cursor | None]:
+        """Parked sagas, oldest first, and the cursor of the next page (None: last page)."""
+        with self.uow_factory() as uow:
+            rows = uow.generations.attention(limit + 1, after)
+        more = len(rows) > limit
+        rows = rows[:limit]
+        cursor = (rows[-1]["_since"], rows[-1]["generation_id"]) if more and rows else None
+        return [{k: v for k, v in r.items() if k != "_since"} for r in rows], cursor
+
     def stored_response(self, idem: IdempotencyRecord) -> tuple[str, int, Any] | None:
         with self.uow_factory() as uow:
             return uow.idempotency.get(idem)

@@ -29,6 +29,7 @@ def generation_view(saga: Generation) -> dict[str, Any]:
         "created_at": iso(saga.created_at),
         "updated_at": iso(saga.updated_at or saga.created_at),
         "metadata": saga.metadata,
+        "attention": dict(saga.attention) if saga.attention else None,
     }
 
 

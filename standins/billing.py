@@ -27,6 +27,10 @@ class BillingStandIn:
         self.error_rate = 0.0  # share of calls answered with 500 (after doing nothing)
         self.slow_rate = 0.0  # share of calls answered after ``slow_seconds``
         self.slow_seconds = 0.0
+        # Users whose commits are refused for good (a permanent 4xx), and with which status.
+        self.refuse_commits_for: set[str] = set()
+        self.refusal_status = 422
+        self.refused = 0
         self.rng = random.Random(seed)
         self.lock = threading.Lock()
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
@@ -87,6 +91,9 @@ class BillingStandIn:
         if hold is None:
             return 404, {"error": "unknown hold"}
         target = {"commit": "committed", "release": "released"}[op]
+        if op == "commit" and hold["user_id"] in self.refuse_commits_for:
+            self.refused += 1
+            return self.refusal_status, {"error": "commit refused"}
         if hold["status"] == target:
             return 200, {"status": target}  # idempotent replay
         if hold["status"] != "open":

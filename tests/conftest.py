@@ -178,7 +178,8 @@ class World:
     engine: Engine
     clock: FakeClock
     config: SagaConfig = TEST_CONFIG
-    broker: InProcessBroker = field(default_factory=InProcessBroker)
+    broker: InProcessBroker = field(
+        default_factory=lambda: InProcessBroker(keep_published=True))
     billing_factory: Any = SqlLedger
 
     def __post_init__(self) -> None:

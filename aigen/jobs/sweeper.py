@@ -16,7 +16,9 @@ from sqlalchemy import Engine
 from persistence.housekeeping import purge
 from saga.commands import FireDeadlines
 from saga.effects import utcnow
+from saga.failures import FAILURE_LOG
 from saga.messagebus import MessageBus
+from saga.retry import RetryPolicy
 
 log = logging.getLogger(__name__)
 
@@ -28,8 +30,12 @@ class Sweeper:
     """Fires passed deadlines; one per process, safe side by side (``SKIP LOCKED``)."""
 
     def __init__(self, bus: MessageBus, engine: Engine, interval: float,
-                 reap: Callable[[datetime], int] | None = None) -> None:
+                 reap: Callable[[datetime], int] | None = None,
+                 retry: RetryPolicy | None = None) -> None:
         self.bus = bus
+        # Backoff while a whole sweep fails (database down); one saga's failing firing is
+        # handled inside the sweep (its deadline moves, or it is parked) and never ends it.
+        self.retry = retry or bus.ctx.retry
         self.engine = engine
         self.interval = interval
         self.reap = reap  # releases external holds whose reservation never committed
@@ -42,13 +48,19 @@ class Sweeper:
         self._thread.start()
 
     def _run(self) -> None:
+        failures = 0
         while not self._stop.is_set():
             try:
                 fired: int = self.bus.handle(FireDeadlines())
                 self._housekeeping()
-            except Exception:
-                log.exception("deadline sweep failed; retrying")
-                fired = 0
+            except Exception as exc:
+                failures += 1
+                FAILURE_LOG.failed("deadline sweep", f"{type(exc).__name__}: {exc}")
+                self._stop.wait(max(self.interval, self.retry.delay(failures)))
+                continue
+            if failures:
+                failures = 0
+                FAILURE_LOG.recovered("deadline sweep")
             if fired == 0:
                 self._stop.wait(self.interval)
 

@@ -11,7 +11,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from saga.commands import DiscardDeadLetter, ReplayDeadLetter, SupportCancel, SupportResolve
+from saga.commands import (
+    DiscardDeadLetter,
+    ReplayDeadLetter,
+    SupportCancel,
+    SupportResolve,
+    SupportRetry,
+)
 
 
 class NotAvailableYet(Exception):
@@ -28,7 +34,10 @@ def cancel(deps: Any, generation_id: str, reason: str) -> dict[str, Any]:
 
 
 def retry(deps: Any, generation_id: str, reason: str) -> dict[str, Any]:
-    raise NotAvailableYet("Retrying a parked generation")
+    """Clear a parked saga's attention and run its parked step now (history: actor
+    ``support``, ``detail.reason``). NotFound / InvalidState (nothing parked) propagate."""
+    result: dict[str, Any] = deps.bus.handle(SupportRetry(generation_id, reason))
+    return result
 
 
 def resolve(deps: Any, generation_id: str, reason: str, hold_id: str,

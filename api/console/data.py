@@ -109,7 +109,7 @@ def account(service: Queries, user_id: str) -> dict[str, Any]:
 
 
 def attention(service: Queries) -> Attention:
-    """Parked sagas, oldest first. The service cannot park sagas yet."""
+    """Parked sagas, oldest first (the first 50; the API pages through all of them)."""
     lister = getattr(service, "attention", None)
     if lister is None:
         return Attention(available=False)

@@ -5,23 +5,27 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Callable, Sequence
+from typing import Any
 
-from messaging.broker import Delivery, Disposition
+from messaging.broker import ORIGINAL_ROUTING_KEY, Delivery, Disposition
 from messaging.rabbitmq.connection import declare
 from messaging.rabbitmq.consumer import QueueConsumer
 from messaging.rabbitmq.publisher import AsyncPublisher, properties
 from saga.messages import DEAD_LETTER_EXCHANGE, OutboundMessage
+from saga.retry import RetryPolicy
 
 log = logging.getLogger(__name__)
 
 
 class RabbitBroker:
     def __init__(self, url: str, *, prefetch: int = 200, workers: int = 4,
-                 on_unroutable: Callable[[str, str], None] | None = None) -> None:
+                 on_unroutable: Callable[[str, str], None] | None = None,
+                 retry: RetryPolicy | None = None) -> None:
         self.url = url
         self.prefetch = prefetch
         self.workers = workers
-        self.publisher = AsyncPublisher(url, on_unroutable=on_unroutable)
+        self.retry = retry  # reconnect backoff (the budget does not apply: never give up)
+        self.publisher = AsyncPublisher(url, on_unroutable=on_unroutable, retry=retry)
         self.consumers: list[QueueConsumer] = []
 
     def start(self) -> None:
@@ -39,7 +43,7 @@ class RabbitBroker:
 
     def dead_letter(self, delivery: Delivery, reason: str) -> None:
         headers = {**delivery.headers, "x-rejection-reason": reason[:1000],
-                   "x-original-routing-key": delivery.routing_key}
+                   ORIGINAL_ROUTING_KEY: delivery.routing_key}
         # A message id of its own when the producer set none: the dead-letter store tells a
         # redelivery of this copy from another message with the same body by it.
         props = properties(delivery.message_id or str(uuid.uuid4()), None, None, headers)
@@ -47,9 +51,19 @@ class RabbitBroker:
                                           delivery.body, props):
             raise ConnectionError("dead-letter publish was not confirmed")
 
+    def redeliver(self, delivery: Delivery, headers: dict[str, Any]) -> None:
+        # Straight to the queue it came from (default exchange), not through the topic
+        # exchange again: no other binding sees it twice. Its routing key travels in a header.
+        if delivery.queue is None:
+            raise ValueError("a delivery without its queue cannot be redelivered")
+        props = properties(delivery.message_id, None, None, {
+            **delivery.headers, **headers, ORIGINAL_ROUTING_KEY: delivery.routing_key})
+        if not self.publisher.publish_raw("", delivery.queue, delivery.body, props):
+            raise ConnectionError("redelivery publish was not confirmed")
+
     def consume(self, queue: str, handler: Callable[[Delivery], Disposition]) -> None:
         consumer = QueueConsumer(self.url, queue, handler, prefetch=self.prefetch,
-                                 workers=self.workers)
+                                 workers=self.workers, retry=self.retry)
         consumer.start()
         self.consumers.append(consumer)
 

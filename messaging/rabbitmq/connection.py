@@ -2,8 +2,9 @@
 
 pika connections belong to one thread; each of ours runs :class:`Reconnecting` on its own
 thread. A *session* opens a connection and serves it until it drops; the loop then waits
-with one exponential backoff (0.5 s doubling to 10 s, back to 0.5 s once a session got
-connected) and opens the next, until :meth:`Reconnecting.stop`.
+by the service's one retry policy (:mod:`saga.retry`; by default 0.5 s doubling to 10 s with
+jitter, back to the start once a session got connected) and opens the next, until
+:meth:`Reconnecting.stop`. Reconnecting never gives up: the budget does not apply here.
 """
 
 from __future__ import annotations
@@ -13,14 +14,19 @@ import threading
 from collections.abc import Callable
 
 import pika
+import pika.exceptions
 from pika.adapters.blocking_connection import BlockingChannel
 
 from messaging.broker import EXCHANGES, QUEUES
+from saga.failures import FAILURE_LOG
+from saga.retry import RetryPolicy, register_transient
 
 log = logging.getLogger(__name__)
 
-BACKOFF_START_S = 0.5
-BACKOFF_MAX_S = 10.0
+# The broker unreachable: transient, retried (saga/retry.py).
+register_transient(pika.exceptions.AMQPConnectionError)
+
+RECONNECT = RetryPolicy(base=0.5, cap=10.0)
 
 
 def declare_topology(channel: BlockingChannel) -> None:
@@ -49,31 +55,35 @@ class Reconnecting:
     it calls :meth:`connected` once the connection is usable, which resets the backoff.
     """
 
-    def __init__(self, name: str, session: Callable[[], None]) -> None:
+    def __init__(self, name: str, session: Callable[[], None],
+                 retry: RetryPolicy | None = None) -> None:
         self.name = name
         self.session = session
         self.stopping = threading.Event()
-        self._backoff = BACKOFF_START_S
+        self.retry = retry or RECONNECT
+        self._failures = 0
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
     def start(self) -> None:
         self._thread.start()
 
     def connected(self) -> None:
-        self._backoff = BACKOFF_START_S
+        if self._failures:
+            FAILURE_LOG.recovered(f"{self.name} connection")
+        self._failures = 0
 
     def _run(self) -> None:
         while not self.stopping.is_set():
+            error = "disconnected"
             try:
                 self.session()
             except Exception as exc:
-                if not self.stopping.is_set():
-                    log.warning("%s: connection failed (%s)", self.name, exc)
+                error = f"{type(exc).__name__}: {exc}"
             if self.stopping.is_set():
                 break
-            log.warning("%s disconnected; reconnecting in %.1fs", self.name, self._backoff)
-            self.stopping.wait(self._backoff)
-            self._backoff = min(self._backoff * 2, BACKOFF_MAX_S)
+            self._failures += 1
+            FAILURE_LOG.failed(f"{self.name} connection", error)
+            self.stopping.wait(self.retry.delay(self._failures))
 
     def stop(self, timeout: float = 5.0) -> None:
         """Ask the loop to end; the caller closes the live connection so the session returns."""

@@ -19,8 +19,15 @@ import pika
 from pika.adapters.blocking_connection import BlockingChannel
 from pika.spec import Basic, BasicProperties
 
-from messaging.broker import RETRY_PAUSE_S, Delivery, Disposition, run_handler
+from messaging.broker import (
+    ORIGINAL_ROUTING_KEY,
+    RETRY_PAUSE_S,
+    Delivery,
+    Disposition,
+    run_handler,
+)
 from messaging.rabbitmq.connection import Reconnecting, declare_topology
+from saga.retry import RetryPolicy
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +36,7 @@ class QueueConsumer:
     """Consumes one queue; ``handler`` runs on a worker pool, acks go back to the I/O thread."""
 
     def __init__(self, url: str, queue_name: str, handler: Callable[[Delivery], Disposition],
-                 *, prefetch: int, workers: int) -> None:
+                 *, prefetch: int, workers: int, retry: RetryPolicy | None = None) -> None:
         self.params = pika.URLParameters(url)
         self.queue = queue_name
         self.handler = handler
@@ -40,7 +47,7 @@ class QueueConsumer:
         self.workers = [threading.Thread(target=self._worker, name=f"work-{queue_name}-{n}",
                                          daemon=True) for n in range(workers)]
         self.connected = threading.Event()
-        self._loop = Reconnecting(f"amqp-consume-{queue_name}", self._session)
+        self._loop = Reconnecting(f"amqp-consume-{queue_name}", self._session, retry)
 
     def start(self) -> None:
         for worker in self.workers:
@@ -72,8 +79,12 @@ class QueueConsumer:
 
     def _on_message(self, conn: pika.BlockingConnection, channel: BlockingChannel,
                     method: Basic.Deliver, props: BasicProperties, body: bytes) -> None:
-        delivery = Delivery(body, method.routing_key, props.message_id,
-                            dict(props.headers or {}), bool(method.redelivered))
+        headers = dict(props.headers or {})
+        # A result we republished ourselves (see ResultConsumer) keeps its own routing key.
+        key = headers.get(ORIGINAL_ROUTING_KEY)
+        delivery = Delivery(body, key if isinstance(key, str) else method.routing_key,
+                            props.message_id, headers, bool(method.redelivered),
+                            queue=self.queue)
         self.work.put((conn, channel, method.delivery_tag, delivery))
 
     def _work(self, conn: pika.BlockingConnection, channel: BlockingChannel, tag: int,

@@ -24,6 +24,7 @@ from pika.spec import Basic, BasicProperties
 from messaging.broker import unroutable_headers
 from messaging.rabbitmq.connection import Reconnecting
 from saga.messages import UNROUTABLE_QUEUE, OutboundMessage
+from saga.retry import RetryPolicy
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +68,8 @@ class AsyncPublisher:
     """Publishes from any thread; confirms are awaited per batch, not per message."""
 
     def __init__(self, url: str, *, confirm_timeout: float = 15.0,
-                 on_unroutable: Callable[[str, str], None] | None = None) -> None:
+                 on_unroutable: Callable[[str, str], None] | None = None,
+                 retry: RetryPolicy | None = None) -> None:
         self.params = pika.URLParameters(url)
         self.confirm_timeout = confirm_timeout
         self.on_unroutable = on_unroutable
@@ -77,7 +79,7 @@ class AsyncPublisher:
         self._inflight: dict[int, tuple[_Batch, int]] = {}
         self._unroutable_logged: dict[str, float] = {}
         self._tags = itertools.count(1)
-        self._loop = Reconnecting("amqp-publisher", self._session)
+        self._loop = Reconnecting("amqp-publisher", self._session, retry)
 
     def start(self) -> None:
         self._loop.start()

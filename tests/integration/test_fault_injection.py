@@ -11,8 +11,12 @@ pytestmark = pytest.mark.integration
 
 def test_fault_injection_keeps_every_promise(pg_url: str, amqp_vhost: str) -> None:
     # pg_url / amqp_vhost make the run skip locally (and fail in CI) without the servers.
-    report = run(generations=80, kills=5, seed=5, verbose=False)
-    print(format_report(report))
+    report = run(generations=80, kills=5, seed=5, verbose=False, poison=True)
+    text = format_report(report)
+    print(text)
+    assert "healthy sagas stalled 0;" in text
+    assert report["poisoned"] == 3 and report["poisoned_unparked"] == []
+    assert sum(report["parked"].values()) >= 3
     assert report["kills"] == 5
     assert report["open_holds"] == 0 and report["doubled_settlements"] == []
     assert report["balance_errors"] == [] and report["journal_mismatch"] == []

@@ -9,6 +9,7 @@ as copies too, so the optimistic version check behaves as the SQL repository's d
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
@@ -42,11 +43,13 @@ class FakeStore:
     holds: dict[str, tuple[HoldRequest, str, str]] = field(default_factory=dict)  # status, month
     responses: dict[tuple[str, str], tuple[str, int, Any]] = field(default_factory=dict)
     commits: int = 0
+    fire_failures: dict[str, int] = field(default_factory=dict)
 
 
 class FakeGenerations:
     def __init__(self, store: FakeStore) -> None:
         self.store = store
+        self.fire_failures = store.fire_failures
 
     def get(self, generation_id: str, *, for_update: bool = False) -> Generation | None:
         saga = self.store.sagas.get(generation_id)
@@ -64,9 +67,57 @@ class FakeGenerations:
         self.store.sagas[saga.id] = copy.deepcopy(saga)
 
     def claim_due(self, now: datetime) -> Generation | None:
-        due = sorted((s for s in self.store.sagas.values() if s.due_at and s.due_at <= now),
+        due = sorted((s for s in self.store.sagas.values()
+                      if s.due_at and s.due_at <= now and s.attention is None),
                      key=lambda s: s.due_at or now)
         return copy.deepcopy(due[0]) if due else None
+
+    def _note(self, saga: Generation, actor: Any, detail: dict[str, Any]) -> None:
+        saga.history_seq += 1
+        self.store.history.setdefault(saga.id, []).append(
+            (saga.history_seq, it.HistoryEntry(kind="note", actor=actor, detail=detail)))
+        saga.version += 1
+
+    def park(self, generation_id: str, kind: str, reason: str, now: datetime) -> bool:
+        saga = self.store.sagas.get(generation_id)
+        if saga is None or saga.attention is not None:
+            return False
+        saga.attention = {"reason": reason, "since": now.isoformat(), "kind": kind}
+        self._note(saga, "system", {"parked": True, "kind": kind, "reason": reason})
+        return True
+
+    def fire_failed(self, generation_id: str, retry_at: Callable[[int], datetime]) -> int:
+        saga = self.store.sagas[generation_id]
+        self.fire_failures[generation_id] = self.fire_failures.get(generation_id, 0) + 1
+        saga.due_at = retry_at(self.fire_failures[generation_id])
+        saga.version += 1
+        return self.fire_failures[generation_id]
+
+    def unpark(self, generation_id: str, now: datetime, *, actor: str, reason: str,
+               due_now: bool) -> bool | None:
+        saga = self.store.sagas.get(generation_id)
+        if saga is None:
+            return None
+        if saga.attention is None:
+            return False
+        kind = saga.attention["kind"]
+        saga.attention = None
+        self.fire_failures.pop(generation_id, None)
+        if due_now and saga.due_at is not None and kind != "result":
+            saga.due_at = now
+        self._note(saga, actor, {"unparked": True, "kind": kind, "reason": reason})
+        return True
+
+    def attention(self, limit: int, after: tuple[datetime, str] | None
+                  ) -> list[dict[str, Any]]:
+        parked = sorted((s for s in self.store.sagas.values() if s.attention is not None),
+                        key=lambda s: (str((s.attention or {})["since"]), s.id))
+        return [{"generation_id": s.id, "user_id": s.user_id, "state": s.state,
+                 "attention": dict(s.attention or {}),
+                 "_since": datetime.fromisoformat(str((s.attention or {})["since"]))}
+                for s in parked
+                if after is None or (datetime.fromisoformat(
+                    str((s.attention or {})["since"])), s.id) > after][:limit]
 
     def search(self, *, user_id: str | None, state: str | None, limit: int,
                after: tuple[datetime, str] | None) -> list[Generation]:

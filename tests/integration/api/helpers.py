@@ -28,7 +28,7 @@ GENERATIONS = "/api/v1/generations"
 GENERATION_FIELDS = {
     "id", "state", "user_id", "project_id", "prompt", "format", "sample_count", "samples",
     "selected_sample_id", "final_asset", "credits", "error", "attempt", "deadline_at",
-    "created_at", "updated_at", "metadata",
+    "created_at", "updated_at", "metadata", "attention",
 }
 AMOUNT = re.compile(r"^\d+\.\d{2}$")
 PROBLEM_FIELDS = {"type", "title", "status", "detail", "code"}

@@ -1,0 +1,141 @@
+"""Poison results on the real RabbitMQ and PostgreSQL: dead-lettered once, never looping.
+
+Deeply nested and unparseable bodies go to the DLX with a reason exactly once while valid
+results keep flowing; a result whose processing keeps failing transiently is republished
+with ``x-aigen-attempts`` until the budget is spent, then dead-lettered once and its saga
+parked; a permanent failure (a saga row that does not load) parks at once.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import pika
+import pytest
+from sqlalchemy import select, update
+from sqlalchemy.exc import OperationalError
+
+from persistence.tables import generations
+from saga.commands import ApplyResult
+from saga.messagebus import HANDLERS
+from saga.messages import RESULTS_QUEUE
+from standins.n8n import Collector, Reply, ScriptedN8n, publish_raw, wait_for
+from tests.integration.rabbit_fixtures import SUPPORT, Running
+
+pytestmark = pytest.mark.integration
+
+DEEP = b'{"a":' * 1200 + b"1" + b"}" * 1200  # 2.4 KB, 1,200 levels
+SAMPLES = [{"sample_id": f"s{i}", "url": f"s3://creativeflow-assets/s{i}.png",
+            "width": 512, "height": 512} for i in range(1, 5)]
+
+
+def queue_depth(url: str) -> int:
+    conn = pika.BlockingConnection(pika.URLParameters(url))
+    try:
+        return int(conn.channel().queue_declare(RESULTS_QUEUE, passive=True)
+                   .method.message_count)
+    finally:
+        conn.close()
+
+
+def job_id_of(running: Running, gid: str) -> str:
+    with running.engine.connect() as conn:
+        body = conn.execute(select(generations.c.body).where(generations.c.id == gid)).scalar()
+    return str(body["job_id"])
+
+
+def samples_result(gid: str, job_id: str) -> bytes:
+    return json.dumps({"event_type": "AIGenerationSamplesReady", "generation_id": gid,
+                       "job_id": job_id, "samples": SAMPLES}).encode()
+
+
+def test_deep_and_unparseable_results_are_dead_lettered_once_while_valid_ones_flow(
+        running: Running) -> None:
+    url = running.runtime.settings.amqp_url or ""
+    running.grant("p-1", "10.00")
+    poison = [DEEP] * 8 + [b"\xff\xfe not utf-8", b'{"event_type": ']
+    with Collector(url) as seen, ScriptedN8n(url, lambda job: [Reply("samples_ready",
+                                                                     delay=0.2)]):
+        for body in poison:
+            publish_raw(url, "generation.result.samples_ready", body)
+        gens = [running.start("p-1", f"p1-{i}") for i in range(5)]
+        for gen in gens:
+            running.wait_state(gen["id"], "awaiting_selection", timeout=20)
+        wait_for(lambda: len(seen.dead) >= len(poison), message="every poison dead-lettered")
+        time.sleep(1.0)  # anything requeued would come back and be dead-lettered again
+        reasons = sorted(h["x-rejection-reason"].split(":")[0] for h, _ in seen.dead)
+    assert reasons == ["not_json"] * 2 + ["schema"] * 8  # each exactly once
+    deep = [h["x-rejection-reason"] for h, b in seen.dead if b == DEEP]
+    assert all("nested deeper than 32 levels" in r for r in deep)
+    assert queue_depth(url) == 0  # nothing left unacked or requeued
+
+
+def test_a_transient_failure_is_republished_within_the_budget_then_parked(
+        running_with: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    running = running_with(retry_max_attempts=2, retry_base_s=0.05, retry_jitter=0)
+    url = running.runtime.settings.amqp_url or ""
+    running.grant("p-2", "10.00")
+    gen = running.start("p-2", "p2")
+    calls: list[dict[str, Any]] = []
+    original = HANDLERS[ApplyResult]
+
+    def database_down(ctx: Any, cmd: ApplyResult, idem: Any) -> Any:
+        if cmd.generation_id != gen["id"]:
+            return original(ctx, cmd, idem)
+        calls.append(cmd.__dict__)
+        raise OperationalError("UPDATE generations", {}, Exception("server closed"))
+
+    monkeypatch.setitem(HANDLERS, ApplyResult, database_down)
+    with Collector(url) as seen:
+        publish_raw(url, "generation.result.samples_ready",
+                    samples_result(gen["id"], job_id_of(running, gen["id"])))
+        wait_for(lambda: len(seen.dead) == 1, message="the dead letter")
+        time.sleep(0.5)
+        assert len(seen.dead) == 1
+    headers, _ = seen.dead[0]
+    assert headers["x-rejection-reason"].startswith("retry_budget_exhausted: 2 retries")
+    assert headers["x-aigen-attempts"] == 2
+    assert len(calls) == 3  # the first try and two retries, no more
+    monkeypatch.setitem(HANDLERS, ApplyResult, original)
+
+    parked = running.get(gen["id"])
+    assert parked["state"] == "processing_samples"  # keeps its state and its hold
+    assert parked["credits"]["held"] == "0.25"
+    assert parked["attention"]["kind"] == "result"
+    assert parked["attention"]["reason"].startswith("retry_budget_exhausted")
+    listed = running.client.get("/api/v1/attention", headers=SUPPORT).json()
+    assert [i["generation_id"] for i in listed["items"]] == [gen["id"]]
+
+    r = running.client.post(f"/api/v1/generations/{gen['id']}/support/retry",
+                            json={"reason": "database back"},
+                            headers={**SUPPORT, "Idempotency-Key": "retry-1"})
+    assert r.status_code == 200, r.text
+    assert r.json()["attention"] is None
+    notes = [e for e in running.history(gen["id"]) if e["kind"] == "note"]
+    assert [(n["actor"], n["detail"].get("reason")) for n in notes][-1] == (
+        "support", "database back")
+
+
+def test_a_result_for_a_saga_that_cannot_be_loaded_parks_it_at_once(
+        running: Running) -> None:
+    url = running.runtime.settings.amqp_url or ""
+    running.grant("p-3", "10.00")
+    gen = running.start("p-3", "p3")
+    job_id = job_id_of(running, gen["id"])
+    with running.engine.begin() as conn:
+        conn.execute(update(generations).where(generations.c.id == gen["id"])
+                     .values(body={"broken": True}))
+    with Collector(url) as seen:
+        publish_raw(url, "generation.result.samples_ready", samples_result(gen["id"], job_id))
+        wait_for(lambda: len(seen.dead) == 1, message="the dead letter")
+        time.sleep(0.5)
+        assert len(seen.dead) == 1
+    assert seen.dead[0][0]["x-rejection-reason"].startswith("processing_error")
+    with running.engine.connect() as conn:
+        row = conn.execute(select(generations).where(generations.c.id == gen["id"])).one()
+    assert (row.attention_kind, row.state) == ("result", "processing_samples")
+    listed = running.client.get("/api/v1/attention", headers=SUPPORT).json()["items"]
+    assert [(i["generation_id"], i["attention"]["kind"]) for i in listed] == [
+        (gen["id"], "result")]
