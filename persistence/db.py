@@ -9,12 +9,11 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError
 
+from persistence.sql import json_dumps, json_loads
 from saga.retry import register_transient
 
 # The database unreachable or restarting: retried within the budget (saga/retry.py).
 register_transient(OperationalError, DisconnectionError, InterfaceError)
-
-from persistence.sql import json_dumps, json_loads
 
 
 def normalize_url(url: str) -> str:
