@@ -148,6 +148,7 @@ def build(settings: Settings, *, broker: Broker | None = None, run_migrations: b
         bus=bus, queries=Queries(uow_factory), api_keys=settings.resolved_api_keys(),
         readiness={"database": database_ready, "broker": broker.healthy},
         registry=registry, assets_dir=assets_dir, worker_threads=settings.db_pool_size,
-        asset_links=asset_links(settings)))
+        input_asset_hosts=settings.input_asset_host_list, public_docs=settings.public_docs,
+        metrics_token=settings.metrics_token or None, asset_links=asset_links(settings)))
     return Runtime(settings, engine, bus, broker, relay, consumer, sweeper, app, registry,
                    demo_worker, DeadLetterDrain(bus, broker))

@@ -66,6 +66,20 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     log_json: bool = False
 
+    # --- input policy and public surface (docs/input-rules.md)
+    input_asset_hosts: str = ""  # hosts Odoo's URLs may name although internal: "minio,10.0.0.5"
+    allow_http_assets: bool | None = None  # http:// result URLs; default: only when embedded
+    public_docs: bool = True  # /docs, /redoc, /openapi.json without a key
+    metrics_token: str | None = None  # set: /metrics needs "Authorization: Bearer <token>"
+
+    @property
+    def input_asset_host_list(self) -> tuple[str, ...]:
+        return tuple(h.strip() for h in self.input_asset_hosts.split(",") if h.strip())
+
+    @property
+    def resolved_allow_http_assets(self) -> bool:
+        return self.embedded if self.allow_http_assets is None else self.allow_http_assets
+
     # -- retry policy (saga/retry.py): one budget for everything that repeats a failure
     retry_base_s: float = Field(0.5, ge=0)
     retry_max_s: float = Field(30.0, ge=0)
@@ -185,6 +199,7 @@ class Settings(BaseSettings):
             prices=PriceBook(self.price_sample_round, self.price_final_standard,
                              self.price_final_high, self.free_monthly_sample_rounds),
             bucket=self.storage_bucket,
+            allow_http_assets=self.resolved_allow_http_assets,
             compensation_backoff_base=timedelta(seconds=self.retry_base_s),
             compensation_backoff_max=timedelta(seconds=self.retry_max_s),
             compensation_max_tries=self.retry_max_attempts,

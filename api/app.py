@@ -23,6 +23,7 @@ from fastapi.staticfiles import StaticFiles
 from prometheus_client import CollectorRegistry, Histogram
 from sqlalchemy.exc import OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.console import console_router
@@ -34,6 +35,7 @@ from api.routes import dead_letters as dead_letters_routes
 from api.routes import support as support_routes
 from api.routes.support_views import support_views_router
 from saga.errors import BillingRefused, BillingUnavailable
+from saga.input_policy import check_request_head
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +81,7 @@ def create_app(deps: ApiDeps) -> FastAPI:
     if deps.assets_dir is not None:
         deps.assets_dir.mkdir(parents=True, exist_ok=True)
         app.mount("/assets", StaticFiles(directory=deps.assets_dir), name="assets")
-    install_docs(app)
+    install_docs(app, public=deps.public_docs)
     return app
 
 
@@ -100,9 +102,12 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> Response:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:  # Allow lists every method of the path (RFC 9110 §15.5.6),
+            headers["Allow"] = _allowed_methods(request)  # not just the first route's
         return problem_response(exc.status_code,
                                 Problem(exc.status_code, code, str(exc.detail)).body(
-                                    request.url.path))
+                                    request.url.path), headers or None)
 
     @app.exception_handler(OperationalError)
     async def _db_down(request: Request, exc: OperationalError) -> Response:
@@ -116,7 +121,10 @@ def _add_error_handlers(app: FastAPI) -> None:
         return problem_response(500, Problem(500, "internal_error",
                                              "something went wrong on our side; nothing was "
                                              "changed unless the response said so").body(
-                                                 request.url.path))
+                                                 request.url.path),
+                                # The server drops the connection after an unhandled error;
+                                # say so, so a pooled client does not reuse it (ECONNRESET).
+                                {"Connection": "close"})
 
     @app.exception_handler(BillingRefused)
     async def _billing_refused(request: Request, exc: BillingRefused) -> Response:
@@ -131,8 +139,19 @@ def _add_error_handlers(app: FastAPI) -> None:
                                              ).body(request.url.path), {"Retry-After": "5"})
 
 
+_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
+
+
+def _allowed_methods(request: Request) -> str:
+    """Every method some route answers fully on this path (routers nest, so ask them)."""
+    routes = request.app.router.routes
+    return ", ".join(m for m in _METHODS if any(
+        r.matches({**request.scope, "method": m})[0] is Match.FULL for r in routes))
+
+
 class _EdgeMiddleware:
-    """Times every request per route and refuses U+0000 in the path or query string.
+    """Times every request per route; refuses U+0000 in the path or query string, a request
+    target over 8 KiB (414) and headers over 16 KiB (431) (``check_request_head``).
 
     A plain ASGI middleware: Starlette's ``BaseHTTPMiddleware`` runs each request through a
     task group and memory streams, which cost more CPU than the rest of the route here.
@@ -146,6 +165,14 @@ class _EdgeMiddleware:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
+            return
+        raw_path = scope.get("raw_path") or scope["path"].encode()
+        refused = check_request_head(scope.get("headers", ()), raw_path,
+                                     scope.get("query_string", b""))
+        if refused is not None:
+            problem = Problem(refused.status, refused.code, refused.detail)
+            await problem_response(problem.status, problem.body(),
+                                   {"Connection": "close"})(scope, receive, send)
             return
         path: str = scope["path"]
         query = unquote_plus(scope.get("query_string", b"").decode("latin-1"))

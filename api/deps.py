@@ -7,9 +7,7 @@ they are declared, so authentication always runs before the body is read.
 
 from __future__ import annotations
 
-import hashlib
 import hmac
-import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -26,6 +24,7 @@ from api.asset_links import S3Links
 from api.problems import DOMAIN_STATUS, Problem, field_errors, problem_response, validation_problem
 from saga.commands import StoreResponse
 from saga.errors import DomainError
+from saga.input_policy import JsonRefused, JsonTooDeep, body_hash, check_user_id, loads_bounded
 from saga.inputs import find_nul
 from saga.ports import AlreadyAnswered, IdempotencyRace, IdempotencyRecord
 
@@ -68,6 +67,10 @@ class ApiDeps:
     registry: CollectorRegistry | None = None
     assets_dir: Path | None = None
     worker_threads: int = 40  # threads running blocking handlers (each needs a DB connection)
+    # Hosts that Odoo-supplied URLs may name although internal (AIGEN_INPUT_ASSET_HOSTS).
+    input_asset_hosts: tuple[str, ...] = ()
+    public_docs: bool = True  # /docs, /redoc and /openapi.json without a key (AIGEN_PUBLIC_DOCS)
+    metrics_token: str | None = None  # if set, /metrics needs it as a bearer token
     asset_links: S3Links | None = None  # presigned download links for s3:// assets, if set
 
 
@@ -108,13 +111,27 @@ AnyRole = Annotated[str, Depends(require("service", "support"))]
 
 
 def account_id(user_id: str) -> str:
-    """The ``{user_id}`` path segment, checked before the body is read."""
-    if not 1 <= len(user_id) <= 64:
-        raise validation_problem([{"field": "user_id", "message": "must be 1 to 64 characters"}])
+    """The ``{user_id}`` path segment, checked (safe user id rule) before the body is read."""
+    reason = check_user_id(user_id)
+    if reason is not None:
+        raise validation_problem([{"field": "user_id", "message": reason}])
     return user_id
 
 
 AccountId = Annotated[str, Depends(account_id)]
+IDEMPOTENCY_SCOPE_MAX = 320  # the width of idempotency_keys.scope
+GENERATION_ID_MAX = 36  # the width of generations.id: a longer id cannot exist
+
+
+def generation_id(generation_id: str) -> str:
+    """The ``{generation_id}`` path segment: 404 for an id no generation can have, before
+    the database is asked (or an idempotency scope longer than its column is written)."""
+    if not 1 <= len(generation_id) <= GENERATION_ID_MAX:
+        raise Problem(404, "not_found", "no such generation")
+    return generation_id
+
+
+GenerationId = Annotated[str, Depends(generation_id)]
 
 
 # ------------------------------------------------------------------ bodies
@@ -133,8 +150,11 @@ def Body(model: type[B], *, optional: bool = False) -> Any:
         if optional and not raw.strip():
             raw = b"{}"
         try:
-            data = json.loads(raw)
-        except (ValueError, UnicodeDecodeError):
+            data = loads_bounded(raw)
+        except JsonTooDeep as exc:
+            raise validation_problem([{"field": "body", "message": str(exc)}],
+                                     "the body is nested too deeply") from None
+        except JsonRefused:
             raise validation_problem([{"field": "body", "message": "the body is not valid JSON"}],
                                      "the body is not valid JSON") from None
         if not isinstance(data, dict):
@@ -143,8 +163,10 @@ def Body(model: type[B], *, optional: bool = False) -> Any:
         if nul is not None:
             raise validation_problem([{"field": nul or "body",
                                        "message": "must not contain NUL characters"}])
+        deps: ApiDeps = request.app.state.deps
         try:
-            return model.model_validate(data)
+            return model.model_validate(data, context={
+                "input_asset_hosts": deps.input_asset_hosts})
         except ValidationError as exc:
             raise validation_problem(field_errors(exc)) from None
 
@@ -186,7 +208,10 @@ def _idempotency(request: Request, role: str, *, required: bool) -> IdempotencyR
     if not 1 <= len(key) <= 255:
         raise Problem(400, "idempotency_key_invalid",
                       "the Idempotency-Key header must be 1 to 255 characters")
-    return IdempotencyRecord(f"{role} {request.method} {request.url.path}", key, "")
+    scope = f"{role} {request.method} {request.url.path}"
+    if len(scope) > IDEMPOTENCY_SCOPE_MAX:  # only a path no resource has is this long
+        raise Problem(404, "not_found", "no such resource")
+    return IdempotencyRecord(scope, key, "")
 
 
 def _replay(idem: IdempotencyRecord, stored: tuple[str, int, Any]) -> Response:
@@ -206,7 +231,8 @@ async def command(request: Request, deps: ApiDeps, role: str, body: BaseModel, s
     """
     idem = _idempotency(request, role, required=key_required)
     if idem is not None:
-        digest = hashlib.sha256(body.model_dump_json().encode()).hexdigest()
+        # Canonical JSON (sorted keys): the same request with its keys reordered replays.
+        digest = body_hash(body.model_dump(mode="json"))
         idem = IdempotencyRecord(idem.scope, idem.key, digest)
     bus, queries = deps.bus, deps.queries
 

@@ -44,6 +44,7 @@ from saga.errors import (
     UnloadableSaga,
 )
 from saga.failures import FAILURE_LOG
+from saga.input_policy import check_asset_format, check_result_url, check_sample_id
 from saga.machine import MACHINE, fire
 from saga.messages import OutboundMessage
 from saga.model import Generation, new_id
@@ -57,6 +58,7 @@ View = dict[str, Any]
 # Outcomes of :func:`apply_result`, also used as metric labels.
 APPLIED = "applied"
 UNKNOWN_GENERATION = "unknown_generation"
+UNSAFE_RESULT = "unsafe_result"
 
 
 # ------------------------------------------------------------------ idempotency
@@ -228,7 +230,13 @@ def _apply_result_once(ctx: Context, cmd: ApplyResult) -> str:
             return UNKNOWN_GENERATION
         saga.pending.append(it.HistoryEntry(kind="message_in", actor="n8n",
                                             detail=_result_detail(cmd)))
-        if cmd.event_type == "AIGenerationProgress":
+        unsafe = unsafe_result(cmd, allow_http=ctx.config.allow_http_assets)
+        if unsafe is not None:
+            outcome = UNSAFE_RESULT
+            saga.reject("n8n", UNSAFE_RESULT, event_type=cmd.event_type, job_id=cmd.job_id,
+                        state=saga.state, **unsafe)
+            apply_intents(ctx, uow, saga, saga.take_pending(), now)
+        elif cmd.event_type == "AIGenerationProgress":
             outcome = _progress(saga, cmd)
             apply_intents(ctx, uow, saga, saga.take_pending(), now)
         else:
@@ -275,6 +283,29 @@ def _result(ctx: Context, uow: UnitOfWork, saga: Generation, cmd: ApplyResult,
     saga.reject("n8n", reason, event_type=cmd.event_type, job_id=cmd.job_id, state=saga.state)
     apply_intents(ctx, uow, saga, saga.take_pending(), now)
     return reason
+
+
+def unsafe_result(cmd: ApplyResult, *, allow_http: bool) -> dict[str, str] | None:
+    """The first field of a result that the web app must never render, or ``None``.
+
+    The result policy (docs/input-rules.md): sample and asset URLs are ``s3://`` or
+    ``https://`` (``http://`` with ``allow_http``), sample ids ``[A-Za-z0-9._-]{1,64}``, the
+    asset's format one of png/jpeg/webp. An unsafe result is not applied; the returned
+    ``field`` and ``problem`` go into its ``rejected`` history row (never the value itself).
+    """
+    checks: list[tuple[str, str | None]] = []
+    for index, sample in enumerate(cmd.samples or []):
+        checks.append((f"samples.{index}.sample_id", check_sample_id(sample.get("sample_id"))))
+        checks.append((f"samples.{index}.url",
+                       check_result_url(sample.get("url"), allow_http=allow_http)))
+    if cmd.asset is not None:
+        checks.append(("asset.url", check_result_url(cmd.asset.get("url"),
+                                                     allow_http=allow_http)))
+        checks.append(("asset.format", check_asset_format(cmd.asset.get("format", "png"))))
+    for field_name, problem in checks:
+        if problem is not None:
+            return {"field": field_name, "problem": problem}
+    return None
 
 
 def _result_detail(cmd: ApplyResult) -> dict[str, Any]:
@@ -518,7 +549,7 @@ def _note_letter(ctx: Context, uow: UnitOfWork, letter: DeadLetter, action: str,
     apply_intents(ctx, uow, saga, saga.take_pending(), now)
 
 
-__all__ = ["APPLIED", "UNKNOWN_GENERATION", "idempotent"]
+__all__ = ["APPLIED", "UNKNOWN_GENERATION", "UNSAFE_RESULT", "idempotent", "unsafe_result"]
 
 
 def _fire_failed(ctx: Context, generation_id: str, kind: str, exc: Exception,

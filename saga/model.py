@@ -85,6 +85,7 @@ class SagaConfig:
     prices: PriceBook = field(default_factory=PriceBook)
     bucket: str = "creativeflow-assets"
     sample_size: int = 512
+    allow_http_assets: bool = False  # http:// sample/asset URLs from n8n (else s3/https only)
 
     def retry_delay(self, attempt: int) -> timedelta:
         """Backoff before dispatch number ``attempt + 1`` (deterministic: no jitter)."""

@@ -14,7 +14,6 @@ copies (same exchange, routing key, reason and body) are stored once.
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 from collections.abc import Callable
 from datetime import datetime
@@ -30,6 +29,7 @@ from messaging.broker import (
 )
 from saga.commands import StoreDeadLetter
 from saga.effects import utcnow
+from saga.input_policy import loads_bounded
 from saga.messagebus import MessageBus
 from saga.messages import DEAD_LETTER_QUEUE, GENERATION_EXCHANGE, UNROUTABLE_QUEUE
 
@@ -54,8 +54,8 @@ def _first_death(headers: dict[str, Any]) -> dict[str, Any]:
 
 
 def _generation_id(body: bytes) -> str | None:
-    try:
-        data = json.loads(body)
+    try:  # bounded: a dead letter is often exactly the body that nests too deep to parse
+        data = loads_bounded(body)
     except (ValueError, UnicodeDecodeError):
         return None
     value = data.get("generation_id") if isinstance(data, dict) else None

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from decimal import Decimal
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Request
@@ -16,13 +15,13 @@ router = APIRouter(prefix="/api/v1/accounts", tags=["accounts"])
 
 
 @router.get("/{user_id}", response_model=AccountOut)
-async def get_account(user_id: str, deps: Deps, role: AnyRole) -> Any:
+async def get_account(role: AnyRole, user_id: AccountId, deps: Deps) -> Any:
     """Balance, open holds and what is available."""
     return await query(deps.queries.account, user_id)
 
 
 @router.put("/{user_id}", response_model=AccountOut, openapi_extra=body_schema(SetPlanBody))
-async def set_plan(user_id: AccountId, request: Request, deps: Deps, role: ServiceRole,
+async def set_plan(role: ServiceRole, user_id: AccountId, request: Request, deps: Deps,
                    body: Annotated[SetPlanBody, Body(SetPlanBody)]) -> Response:
     """Set the plan; creates the account with balance 0 if new."""
     return await command(request, deps, role, body, 200, SetPlan(user_id, body.plan))
@@ -30,8 +29,8 @@ async def set_plan(user_id: AccountId, request: Request, deps: Deps, role: Servi
 
 @router.post("/{user_id}/grants", status_code=201, response_model=GrantOut,
              openapi_extra=body_schema(GrantBody))
-async def grant(user_id: AccountId, request: Request, deps: Deps, role: ServiceRole,
+async def grant(role: ServiceRole, user_id: AccountId, request: Request, deps: Deps,
                 body: Annotated[GrantBody, Body(GrantBody)]) -> Response:
     """Add credits; a new account starts on the free plan."""
-    cmd = Grant(user_id, Decimal(body.amount), body.reason)
+    cmd = Grant(user_id, body.decimal(), body.reason)
     return await command(request, deps, role, body, 201, cmd)

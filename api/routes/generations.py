@@ -16,6 +16,7 @@ from api.deps import (
     Body,
     Cursor,
     Deps,
+    GenerationId,
     ServiceRole,
     SupportRole,
     body_schema,
@@ -34,6 +35,7 @@ from api.schemas import (
     State,
 )
 from saga.commands import Cancel, Regenerate, SelectSample, StartGeneration
+from saga.input_policy import check_user_id
 
 router = APIRouter(prefix="/api/v1/generations", tags=["generations"])
 
@@ -53,7 +55,7 @@ async def start_generation(
 
 
 @router.get("/{generation_id}", response_model=GenerationOut)
-async def get_generation(generation_id: str, deps: Deps, role: AnyRole) -> Any:
+async def get_generation(role: AnyRole, generation_id: GenerationId, deps: Deps) -> Any:
     """Read one generation."""
     view = await query(deps.queries.get, generation_id)
     return (await presigned([view], deps.asset_links))[0]
@@ -61,8 +63,9 @@ async def get_generation(generation_id: str, deps: Deps, role: AnyRole) -> Any:
 
 @router.post("/{generation_id}/selection", status_code=202, response_model=GenerationOut,
              openapi_extra=body_schema(SelectionBody))
-async def select_sample(generation_id: str, request: Request, deps: Deps, role: ServiceRole,
-                        body: Annotated[SelectionBody, Body(SelectionBody)]) -> Response:
+async def select_sample(role: ServiceRole, generation_id: GenerationId, request: Request,
+                        deps: Deps, body: Annotated[SelectionBody, Body(SelectionBody)]
+                        ) -> Response:
     """Choose a delivered sample; holds the final's credits and dispatches the final job."""
     cmd = SelectSample(generation_id, body.sample_id, body.resolution)
     return await command(request, deps, role, body, 202, cmd)
@@ -71,7 +74,7 @@ async def select_sample(generation_id: str, request: Request, deps: Deps, role: 
 @router.post("/{generation_id}/regenerate", status_code=202, response_model=GenerationOut,
              openapi_extra=body_schema(RegenerateBody))
 async def regenerate(
-        generation_id: str, request: Request, deps: Deps, role: ServiceRole,
+        role: ServiceRole, generation_id: GenerationId, request: Request, deps: Deps,
         body: Annotated[RegenerateBody, Body(RegenerateBody, optional=True)]) -> Response:
     """Start a new sample round (its own hold) from ``awaiting_selection``."""
     return await command(request, deps, role, body, 202, Regenerate(generation_id, body.prompt))
@@ -79,7 +82,7 @@ async def regenerate(
 
 @router.post("/{generation_id}/cancel", response_model=GenerationOut,
              openapi_extra=body_schema(CancelBody))
-async def cancel(generation_id: str, request: Request, deps: Deps, role: ServiceRole,
+async def cancel(role: ServiceRole, generation_id: GenerationId, request: Request, deps: Deps,
                  body: Annotated[CancelBody, Body(CancelBody, optional=True)]) -> Response:
     """Cancel a generation that is not terminal; releases any open hold."""
     return await command(request, deps, role, body, 200, Cancel(generation_id, body.reason))
@@ -104,6 +107,9 @@ async def list_generations(
         state: State | None = None,
         limit: Annotated[int, Query(ge=1, le=100)] = 20) -> Any:
     """List generations, newest first, with an opaque cursor."""
+    reason = None if user_id is None else check_user_id(user_id)
+    if reason is not None:
+        raise validation_problem([{"field": "user_id", "message": reason}])
     items, next_after = await query(deps.queries.list_generations, user_id=user_id,
                                     state=state, limit=limit, after=after)
     items = await presigned(items, deps.asset_links)
@@ -111,7 +117,7 @@ async def list_generations(
 
 
 @router.get("/{generation_id}/history", response_model=HistoryOut)
-async def history(generation_id: str, deps: Deps, role: SupportRole) -> Any:
+async def history(role: SupportRole, generation_id: GenerationId, deps: Deps) -> Any:
     """The saga's full history: transitions, credit steps, messages in and out, refusals."""
     return await query(deps.queries.history, generation_id)
 

@@ -20,6 +20,10 @@ from saga.diagram import definition, render_svg, taken_from_history
 from saga.errors import NotFound
 
 
+class _Svg(Response):
+    media_type = "image/svg+xml"
+
+
 def support_views_router(deps: Any) -> APIRouter:
     """``deps`` is the app's ``ApiDeps`` (``bus``, ``queries``, ``api_keys``)."""
     router = APIRouter(prefix="/api/v1", tags=["support"])
@@ -39,14 +43,17 @@ def support_views_router(deps: Any) -> APIRouter:
             return role
         return Depends(dependency)
 
-    @router.get("/state-machine")
+    @router.get("/state-machine", responses={200: {"content": {"application/json": {
+        "schema": {"type": "object", "required": ["states", "transitions"],
+                   "additionalProperties": True}}}}})
     async def state_machine(role: str = require("service", "support")) -> Any:
         """The states and transitions of the machine the service runs (``dest`` null: an
         internal transition, the saga stays in its state)."""
         return machine_json
 
-    @router.get("/generations/{generation_id}/diagram",
-                responses={200: {"content": {"image/svg+xml": {}}}})
+    @router.get("/generations/{generation_id}/diagram", response_class=_Svg,
+                responses={200: {"content": {"image/svg+xml": {"schema": {"type": "string"}}},
+                                 "description": "The state machine as SVG"}})
     async def diagram(generation_id: str, role: str = require("support")) -> Response:
         """The machine as SVG; the saga's current state has ``aria-current="step"`` and the
         states and transitions its history went through have the class ``taken``."""

@@ -74,7 +74,7 @@ def test_holds_commit_through_the_backend(ext_world: World, billing: BillingStan
                                                 "available": "9.75"}
     assert result(ext_world, gen["id"], "samples", samples=samples()) == "applied"
     ext_world.bus.handle(SelectSample(gen["id"], "s1", "standard"))
-    assert result(ext_world, gen["id"], "final", asset={"url": "u", "width": 2048,
+    assert result(ext_world, gen["id"], "final", asset={"url": "s3://b/final.png", "width": 2048,
                                                         "height": 2048}) == "applied"
     assert billing.status_counts() == {"committed": 2}
     assert billing.accounts["u-1"]["available"] == 10 - 1.25
@@ -203,7 +203,7 @@ def test_flaky_slow_backend_still_settles_every_hold_exactly_once(
                                   samples=samples())
             else:
                 cmd = ApplyResult("AIGenerationFinalAssetReady", gid, job["job_id"],
-                                  asset={"url": "u", "width": 1, "height": 1})
+                                  asset={"url": "s3://b/final.png", "width": 1, "height": 1})
             redeliver(svc, cmd)
         for gid in live:
             if svc.queries.get(gid)["state"] == "awaiting_selection" and rng.random() < 0.7:

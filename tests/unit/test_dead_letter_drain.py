@@ -70,3 +70,11 @@ def test_two_identical_bodies_dead_lettered_by_the_consumer_are_two_dead_letters
     q = broker.queues[DEAD_LETTER_QUEUE]
     keys = {to_command(q.get_nowait(), DEAD_LETTER_QUEUE, NOW).message_key for _ in range(2)}
     assert len(keys) == 2
+
+
+def test_a_deeply_nested_body_is_stored_without_reading_it() -> None:
+    deep = b'{"a":' * 1200 + b"1" + b"}" * 1200  # json.loads would raise RecursionError
+    cmd = to_command(Delivery(deep, "generation.result.samples_ready", "m-deep", {
+        "x-rejection-reason": "schema: body: nested deeper than 32 levels"}),
+        DEAD_LETTER_QUEUE, NOW)
+    assert cmd.generation_id is None and cmd.body == deep
