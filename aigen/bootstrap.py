@@ -99,7 +99,10 @@ def build(settings: Settings, *, broker: Broker | None = None, run_migrations: b
     db_url = settings.resolved_database_url
     if run_migrations:
         migrate(db_url)
-    engine = make_engine(db_url, pool_size=settings.db_pool_size)
+    # One connection for every thread that may hold one at once: the API's worker threads
+    # (db_pool_size of them), the result consumer's workers, and the relay, the sweeper and
+    # a health/metrics read. A smaller pool opens and closes overflow connections under load.
+    engine = make_engine(db_url, pool_size=settings.db_pool_size + settings.consumer_workers + 3)
     telemetry.instrument_sqlalchemy(engine)
     registry = CollectorRegistry()
     observer = PrometheusObserver(registry)

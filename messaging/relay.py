@@ -37,8 +37,8 @@ class OutboxStore(Protocol):
 class OutboxRelay:
     def __init__(self, store: OutboxStore, broker: Broker, observer: Observer, *,
                  batch_size: int = 500, idle_interval: float = 0.05,
-                 coalesce: float = 0.005, max_backoff: float = 5.0,
-                 retry: RetryPolicy | None = None,
+                 max_idle_interval: float = 2.0, coalesce: float = 0.005,
+                 max_backoff: float = 5.0, retry: RetryPolicy | None = None,
                  tracer: Tracer | None = None) -> None:
         self.store = store
         self.tracer: Tracer = tracer or NullTracer()
@@ -46,6 +46,10 @@ class OutboxRelay:
         self.observer = observer
         self.batch_size = batch_size
         self.idle_interval = idle_interval
+        # Polls while nothing arrives back off from idle_interval to max_idle_interval: this
+        # process's commits wake the relay at once, so the slow poll only bounds how late rows
+        # of another process (one that died before relaying them) are picked up.
+        self.max_idle_interval = max(idle_interval, max_idle_interval)
         self.coalesce = coalesce
         # Publish retries: the rows stay in the outbox, so the budget never runs out here;
         # only the delay between tries follows the policy, capped at ``max_backoff``.
@@ -101,6 +105,7 @@ class OutboxRelay:
 
     def _run(self) -> None:
         failures = 0
+        idle = self.idle_interval
         while not self._stop.is_set():
             try:
                 claimed = self.run_once()
@@ -112,11 +117,13 @@ class OutboxRelay:
             if failures:
                 failures = 0
                 FAILURE_LOG.recovered("outbox relay")
+            idle = self.idle_interval if claimed else min(idle * 2, self.max_idle_interval)
             if claimed < self.batch_size:
-                if self._wake.wait(self.idle_interval):
+                if self._wake.wait(idle):
                     # Let the commits landing right now join this batch: under load a batch
                     # of many rows costs little more than a batch of one.
                     self._stop.wait(self.coalesce)
+                    idle = self.idle_interval
                 self._wake.clear()
 
     def stop(self) -> None:

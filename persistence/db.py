@@ -9,6 +9,7 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError
 
+from persistence.sql import json_dumps, json_loads
 from saga.retry import register_transient
 
 # The database unreachable or restarting: retried within the budget (saga/retry.py).
@@ -37,13 +38,18 @@ def make_engine(url: str, *, pool_size: int = 10, echo: bool = False) -> Engine:
         engine = create_engine(
             url, echo=echo, connect_args={"check_same_thread": False, "timeout": 30},
             pool_size=pool_size, max_overflow=pool_size,
+            json_serializer=json_dumps, json_deserializer=json_loads,
         )
         _tune_sqlite(engine)
         return engine
     # No pre-ping: it costs a round trip per transaction. After a database restart the first
     # use of a stale connection fails (API: 503, consumer: redelivery) and the pool recovers.
+    # The pool should hold a connection for every thread that uses one at the same time:
+    # overflow connections are opened and closed again (a backend fork and an
+    # authentication each), so they are a safety margin, not the working set.
     kwargs: dict[str, Any] = {"pool_size": pool_size, "max_overflow": pool_size,
-                              "pool_recycle": 1800}
+                              "pool_recycle": 1800, "json_serializer": json_dumps,
+                              "json_deserializer": json_loads}
     return create_engine(url, echo=echo, **kwargs)
 
 

@@ -43,6 +43,44 @@ _MOVE = (update(accounts).where(accounts.c.user_id == bindparam("uid"))
                  updated_at=bindparam("at")))
 _INSERT_JOURNAL = insert(journal)
 
+# PostgreSQL: a ledger move in one statement. The funds check is in the UPDATE's WHERE, so
+# it is evaluated on the row version the UPDATE locks (READ COMMITTED re-checks it after
+# waiting for a concurrent writer): the lock, the check, the move, the hold and the journal
+# row are one round trip. Nothing is written when the check fails (the CTEs read ``a``).
+_PG_RESERVE = """
+WITH a AS (
+  UPDATE accounts SET held_cents = held_cents + %(cents)s, updated_at = %(at)s
+  WHERE user_id = %(uid)s AND balance_cents - held_cents >= %(cents)s
+  RETURNING user_id),
+h AS (
+  INSERT INTO holds (hold_id, user_id, generation_id, stage, amount_cents, status, month,
+                     created_at)
+  SELECT %(hid)s, user_id, %(gid)s, %(stage)s, %(cents)s, 'open', %(month)s, %(at)s FROM a),
+j AS (
+  INSERT INTO journal (user_id, at, kind, balance_delta_cents, held_delta_cents, hold_id,
+                       generation_id, reason)
+  SELECT user_id, %(at)s, 'reserve', 0, %(cents)s, %(hid)s, %(gid)s, %(reason)s FROM a)
+SELECT count(*) FROM a
+"""
+# Closing the hold locks it (only an open one matches), then the account moves and the
+# journal row is written from what the hold says.
+_PG_SETTLE = """
+WITH h AS (
+  UPDATE holds SET status = %(status)s, settled_at = %(at)s
+  WHERE hold_id = %(hid)s AND status = 'open'
+  RETURNING user_id, amount_cents, generation_id),
+a AS (
+  UPDATE accounts SET balance_cents = balance_cents - %(commit)s * h.amount_cents,
+                      held_cents = held_cents - h.amount_cents, updated_at = %(at)s
+  FROM h WHERE accounts.user_id = h.user_id),
+j AS (
+  INSERT INTO journal (user_id, at, kind, balance_delta_cents, held_delta_cents, hold_id,
+                       generation_id, reason)
+  SELECT user_id, %(at)s, %(kind)s, -%(commit)s * amount_cents, -amount_cents, %(hid)s,
+         generation_id, NULL FROM h)
+SELECT count(*) FROM h
+"""
+
 
 def count_sample_rounds(conn: Connection, user_id: str, month: str) -> int:
     """Sample rounds reserved this month and not released (the free plan's quota)."""
@@ -70,6 +108,7 @@ class SqlLedger:
 
     def __init__(self, conn: Connection) -> None:
         self.conn = conn
+        self.one_statement = conn.dialect.name == "postgresql"
 
     def account(self, user_id: str, *, lock: bool = False) -> Account | None:
         row = self.conn.execute(_ACCOUNT_FOR_UPDATE if lock else _ACCOUNT,
@@ -80,6 +119,8 @@ class SqlLedger:
                        from_cents(row.held_cents))
 
     def reserve(self, hold: HoldRequest, *, quota: int | None, month: str) -> None:
+        if self.one_statement:
+            return self._reserve_pg(hold, quota=quota, month=month)
         account = self.account(hold.user_id, lock=True)  # serialises one user's reservations
         if account is None:
             raise InsufficientCredits(f"account {hold.user_id} has no credits",
@@ -97,6 +138,34 @@ class SqlLedger:
         self._journal(hold.user_id, hold.at, "reserve", 0, cents, hold.hold_id,
                       hold.generation_id, f"{hold.stage} hold")
 
+    def _reserve_pg(self, hold: HoldRequest, *, quota: int | None, month: str) -> None:
+        cents = to_cents(hold.amount)
+        moved = self.conn.exec_driver_sql(_PG_RESERVE, {
+            "cents": cents, "at": hold.at, "uid": hold.user_id, "hid": hold.hold_id,
+            "gid": hold.generation_id, "stage": hold.stage, "month": month,
+            "reason": f"{hold.stage} hold"}).scalar_one()
+        if moved:
+            if quota is not None:
+                # Counted after the UPDATE above took the account's row lock, so in a
+                # snapshot that sees every reservation committed before ours (and our own).
+                rounds = count_sample_rounds(self.conn, hold.user_id, month)
+                if rounds - (hold.stage == "samples") >= quota:
+                    raise QuotaExceeded(  # the caller's transaction rolls the move back
+                        f"the free plan allows {quota} sample rounds per month",
+                        limit=quota, month=month)
+            return
+        # Refused (rare): read the account for the error; nothing was written.
+        account = self.account(hold.user_id)
+        if account is None:
+            raise InsufficientCredits(f"account {hold.user_id} has no credits",
+                                      required=str(money(hold.amount)), available="0.00")
+        if quota is not None and count_sample_rounds(self.conn, hold.user_id, month) >= quota:
+            raise QuotaExceeded(f"the free plan allows {quota} sample rounds per month",
+                                limit=quota, month=month)
+        raise InsufficientCredits(
+            f"{money(hold.amount)} credits needed, {money(account.available)} available",
+            required=str(money(hold.amount)), available=str(money(account.available)))
+
     def prepare_settle(self, hold_id: str, *, commit: bool) -> None:
         return None
 
@@ -104,6 +173,11 @@ class SqlLedger:
         return None  # everything we did was inside the rolled-back transaction
 
     def settle(self, hold_id: str, *, commit: bool, at: datetime) -> bool:
+        if self.one_statement:
+            return bool(self.conn.exec_driver_sql(_PG_SETTLE, {
+                "status": "committed" if commit else "released", "at": at, "hid": hold_id,
+                "commit": 1 if commit else 0, "kind": "commit" if commit else "release",
+            }).scalar_one())
         closed = close_hold(self.conn, hold_id, commit=commit, at=at)
         if closed is None:
             return False

@@ -17,7 +17,7 @@ from persistence.attention import (
 )
 from persistence.dead_letters import SqlDeadLetters
 from persistence.ledger import SqlLedger
-from persistence.sql import insert_ignore
+from persistence.sql import insert_ignore, json_dumps
 from persistence.tables import generation_events, generations, idempotency_keys, inbox, outbox
 from saga import intents as it
 from saga.errors import ConcurrencyConflict, UnloadableSaga
@@ -111,10 +111,20 @@ _CLAIM_DUE = (select(generations.c.id)
 
 
 class SqlGenerations:
-    def __init__(self, conn: Connection) -> None:
+    """Sagas by id. On PostgreSQL ``add``/``save`` are deferred to the unit of work's flush.
+
+    A deferred write is serialised when it is made (later changes to the object are not
+    written unless saved again), and the version check still fails the transaction: the
+    flush raises :class:`ConcurrencyConflict` before the commit. Reads flush first.
+    """
+
+    def __init__(self, conn: Connection, writes: PendingWrites | None = None) -> None:
         self.conn = conn
+        self.writes = writes
 
     def get(self, generation_id: str, *, for_update: bool = False) -> Generation | None:
+        if self.writes is not None:
+            self.writes.flush()
         row = self.conn.execute(_GET_FOR_UPDATE if for_update else _GET,
                                 {"gid": generation_id}).first()
         if row is None:
@@ -125,10 +135,17 @@ class SqlGenerations:
             raise UnloadableSaga(generation_id, f"{type(exc).__name__}: {exc}") from exc
 
     def add(self, saga: Generation) -> None:
-        self.conn.execute(_INSERT_GENERATION, {"version": 0, **saga_to_row(saga)})
+        if self.writes is not None:
+            self.writes.saga(saga, insert=True)
+        else:
+            self.conn.execute(_INSERT_GENERATION, {"version": 0, **saga_to_row(saga)})
         saga.version = 0
 
     def save(self, saga: Generation) -> None:
+        if self.writes is not None:
+            self.writes.saga(saga, insert=False)
+            saga.version += 1
+            return
         row = saga_to_row(saga)
         result = self.conn.execute(_SAVE, {
             "gid": saga.id, "expected_version": saga.version, "new_version": saga.version + 1,
@@ -139,6 +156,7 @@ class SqlGenerations:
         saga.version += 1
 
     def claim_due(self, now: datetime) -> Generation | None:
+        self._flush()
         gid = self.conn.execute(_CLAIM_DUE, {"now": now}).scalar()
         if gid is None:
             return None
@@ -150,22 +168,32 @@ class SqlGenerations:
 
     # -- parking (plain SQL by id: works when the row cannot be loaded into a Generation) --
     def park(self, generation_id: str, kind: str, reason: str, now: datetime) -> bool:
+        self._flush()  # plain SQL on the row: the buffered write goes first
         return park_row(self.conn, generation_id, kind, reason, now)
 
     def fire_failed(self, generation_id: str, retry_at: Callable[[int], datetime]) -> int:
+        self._flush()  # plain SQL on the row: the buffered write goes first
         return record_fire_failure(self.conn, generation_id, retry_at)
 
     def unpark(self, generation_id: str, now: datetime, *, actor: str, reason: str,
                due_now: bool) -> bool | None:
+        self._flush()  # plain SQL on the row: the buffered write goes first
         return unpark_row(self.conn, generation_id, now, actor=actor, reason=reason,
                           due_now=due_now)
 
     def attention(self, limit: int, after: tuple[datetime, str] | None
                   ) -> list[dict[str, Any]]:
+        self._flush()  # plain SQL on the row: the buffered write goes first
         return attention_list(self.conn, limit, after)
+
+    def _flush(self) -> None:
+        if self.writes is not None:
+            self.writes.flush()
 
     def search(self, *, user_id: str | None, state: str | None, limit: int,
              after: tuple[datetime, str] | None) -> list[Generation]:
+        if self.writes is not None:
+            self.writes.flush()
         query = select(generations)
         if user_id is not None:
             query = query.where(generations.c.user_id == user_id)
@@ -195,8 +223,9 @@ _INSERT_OUTBOX = insert(outbox)
 class SqlHistory:
     """Buffers history rows; the unit of work writes them in one multi-row INSERT."""
 
-    def __init__(self, conn: Connection) -> None:
+    def __init__(self, conn: Connection, writes: PendingWrites | None = None) -> None:
         self.conn = conn
+        self.writes = writes
         self.pending: list[dict[str, Any]] = []
 
     def append(self, generation_id: str, seq: int, at: datetime, entry: it.HistoryEntry) -> None:
@@ -212,6 +241,8 @@ class SqlHistory:
             self.pending = []
 
     def events(self, generation_id: str) -> list[dict[str, Any]]:
+        if self.writes is not None:
+            self.writes.flush()
         self.flush()
         rows = self.conn.execute(
             select(generation_events).where(generation_events.c.generation_id == generation_id)
@@ -259,19 +290,117 @@ _GET_KEY = select(idempotency_keys).where(idempotency_keys.c.scope == bindparam(
 
 
 class SqlIdempotency:
-    def __init__(self, conn: Connection) -> None:
+    def __init__(self, conn: Connection, writes: PendingWrites | None = None) -> None:
         self.conn = conn
+        self.writes = writes
 
     def get(self, record: IdempotencyRecord) -> tuple[str, int, Any] | None:
+        if self.writes is not None:
+            self.writes.flush()
         row = self.conn.execute(_GET_KEY, {"scope": record.scope, "key": record.key}).first()
         return (row.request_hash, row.status, row.body) if row else None
 
     def put(self, record: IdempotencyRecord, status: int, body: Any, at: datetime) -> None:
+        if self.writes is not None:
+            self.writes.idempotency(record, status, body, at)
+            return
         if not insert_ignore(self.conn, idempotency_keys, {
             "scope": record.scope, "key": record.key, "request_hash": record.request_hash,
             "status": status, "body": body, "created_at": at,
         }):
             raise IdempotencyRace(record.key)
+
+
+_GEN_COLS = "id, user_id, state, version, created_at, updated_at, due_at, body"
+_EVENT_COLS = ('generation_id, seq, at, kind, "trigger", from_state, to_state, actor, detail')
+_EVENT_ROW = "(%s, %s, %s, %s, %s, %s, %s, %s, %s::jsonb)"
+_OUTBOX_COLS = ("exchange, routing_key, message_id, correlation_id, type, body, created_at, "
+                "attempts")
+_OUTBOX_ROW = "(%s, %s, %s, %s, %s, %s, %s, 0)"
+
+
+class PendingWrites:
+    """PostgreSQL: a command's writes as one data-modifying CTE chain, one round trip.
+
+    The saga INSERT or version-checked UPDATE, the history rows, the outbox rows and the
+    stored idempotent response go in one statement (``WITH g AS (UPDATE … RETURNING 1),
+    e AS (INSERT …), o AS (INSERT …), k AS (INSERT … ON CONFLICT DO NOTHING RETURNING 1)
+    SELECT count(*) …``) inside the command's transaction. A failed version check raises
+    :class:`ConcurrencyConflict`, a taken idempotency key :class:`IdempotencyRace`; either
+    way the transaction is rolled back by the unit of work, so nothing of it stays.
+    """
+
+    def __init__(self, conn: Connection, history: SqlHistory, outbox: SqlOutbox) -> None:
+        self.conn = conn
+        self.history = history
+        self.outbox = outbox
+        # saga id -> (insert?, expected version, values)
+        self.sagas: dict[str, tuple[bool, int, tuple[Any, ...]]] = {}
+        self.keys: list[tuple[IdempotencyRecord, tuple[Any, ...]]] = []
+
+    def saga(self, saga: Generation, *, insert: bool) -> None:
+        row = saga_to_row(saga)
+        earlier = self.sagas.get(saga.id)
+        if earlier is not None:  # saved again before the flush: one write, first version
+            insert, expected = earlier[0], earlier[1]
+        else:
+            expected = saga.version
+        new_version = 0 if earlier is None and insert else saga.version + 1
+        self.sagas[saga.id] = (insert, expected, (
+            row["state"], new_version, row["updated_at"], row["due_at"],
+            json_dumps(row["body"]), saga.id, row["user_id"], row["created_at"]))
+
+    def idempotency(self, record: IdempotencyRecord, status: int, body: Any,
+                    at: datetime) -> None:
+        self.keys.append((record, (record.scope, record.key, record.request_hash, status,
+                                   json_dumps(body), at)))
+
+    def flush(self) -> None:
+        if not (self.sagas or self.history.pending or self.outbox.pending or self.keys):
+            return
+        ctes: list[str] = []
+        params: list[Any] = []
+        checks: list[tuple[str, Exception]] = []
+        for n, (saga_id, (is_new, expected, v)) in enumerate(self.sagas.items()):
+            state, version, updated_at, due_at, body, _id, user_id, created_at = v
+            if is_new:
+                ctes.append(f"g{n} AS (INSERT INTO generations ({_GEN_COLS}) VALUES "
+                            "(%s, %s, %s, %s, %s, %s, %s, %s::jsonb) RETURNING 1)")
+                params += [saga_id, user_id, state, version, created_at, updated_at, due_at,
+                           body]
+            else:
+                ctes.append(f"g{n} AS (UPDATE generations SET state = %s, version = %s, "
+                            "updated_at = %s, due_at = %s, body = %s::jsonb "
+                            "WHERE id = %s AND version = %s RETURNING 1)")
+                params += [state, version, updated_at, due_at, body, saga_id, expected]
+            checks.append((f"g{n}", ConcurrencyConflict(saga_id)))
+        if self.history.pending:
+            ctes.append(f"e AS (INSERT INTO generation_events ({_EVENT_COLS}) VALUES "
+                        + ", ".join([_EVENT_ROW] * len(self.history.pending)) + ")")
+            for h in self.history.pending:
+                params += [h["generation_id"], h["seq"], h["at"], h["kind"], h["trigger"],
+                           h["from_state"], h["to_state"], h["actor"], json_dumps(h["detail"])]
+        if self.outbox.pending:
+            ctes.append(f"o AS (INSERT INTO outbox ({_OUTBOX_COLS}) VALUES "
+                        + ", ".join([_OUTBOX_ROW] * len(self.outbox.pending)) + ")")
+            for o in self.outbox.pending:
+                params += [o["exchange"], o["routing_key"], o["message_id"],
+                           o["correlation_id"], o["type"], o["body"], o["created_at"]]
+        for n, (record, values) in enumerate(self.keys):
+            ctes.append(f'k{n} AS (INSERT INTO idempotency_keys (scope, "key", request_hash, '
+                        "status, body, created_at) VALUES (%s, %s, %s, %s, %s::jsonb, %s) "
+                        "ON CONFLICT DO NOTHING RETURNING 1)")
+            params += values
+            checks.append((f"k{n}", IdempotencyRace(record.key)))
+        self.sagas, self.keys = {}, []
+        self.history.pending, self.outbox.pending = [], []
+        select_list = ", ".join(f"(SELECT count(*) FROM {name})" for name, _ in checks)
+        row = self.conn.exec_driver_sql(
+            "WITH " + ", ".join(ctes) + " SELECT " + (select_list or "1"), tuple(params)
+        ).one()
+        for (_, error), count in zip(checks, row, strict=False):
+            if count != 1:
+                raise error
 
 
 class SqlUnitOfWork:
@@ -287,14 +416,18 @@ class SqlUnitOfWork:
     def __enter__(self) -> SqlUnitOfWork:
         self.conn = self.engine.connect()
         self.tx = self.conn.begin()
-        # Annotated with the ports: the protocol's attributes are invariant.
-        self.generations: GenerationRepository = SqlGenerations(self.conn)
         self._history = SqlHistory(self.conn)
         self._outbox = SqlOutbox(self.conn)
+        # PostgreSQL: what the command writes goes in one statement at the flush.
+        self._writes = (PendingWrites(self.conn, self._history, self._outbox)
+                        if self.conn.dialect.name == "postgresql" else None)
+        self._history.writes = self._writes
+        # Annotated with the ports: the protocol's attributes are invariant.
+        self.generations: GenerationRepository = SqlGenerations(self.conn, self._writes)
         self.history: HistoryRepository = self._history
         self.outbox: Outbox = self._outbox
         self.inbox: Inbox = SqlInbox(self.conn)
-        self.idempotency: IdempotencyStore = SqlIdempotency(self.conn)
+        self.idempotency: IdempotencyStore = SqlIdempotency(self.conn, self._writes)
         self.billing: Billing = self.billing_factory(self.conn)
         self.dead_letters: DeadLetterStore = SqlDeadLetters(self.conn)
         return self
@@ -307,9 +440,15 @@ class SqlUnitOfWork:
         finally:
             self.conn.close()
 
-    def commit(self) -> None:
+    def flush(self) -> None:
+        """Write what is buffered (still inside the transaction)."""
+        if self._writes is not None:
+            self._writes.flush()
         self._history.flush()
         self._outbox.flush()
+
+    def commit(self) -> None:
+        self.flush()
         self.tx.commit()
         if self.after_commit is not None:
             self.after_commit()
