@@ -9,12 +9,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter
 from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
 from api.console import data
-from api.console.session import Sessions
+from api.deps import AnyRole, SupportRole
 from api.problems import Problem
 from saga.diagram import definition, render_svg, taken_from_history
 from saga.errors import NotFound
@@ -27,26 +27,13 @@ class _Svg(Response):
 def support_views_router(deps: Any) -> APIRouter:
     """``deps`` is the app's ``ApiDeps`` (``bus``, ``queries``, ``api_keys``)."""
     router = APIRouter(prefix="/api/v1", tags=["support"])
-    keys = Sessions(deps.api_keys)
     machine = definition()
     machine_json = machine.as_json()
-
-    def require(*roles: str) -> Any:
-        def dependency(request: Request) -> str:
-            scheme, _, key = request.headers.get("authorization", "").partition(" ")
-            role = keys.role_of(key) if scheme.lower() == "bearer" and key.strip() else None
-            if role is None:
-                raise Problem(401, "unauthorized", "a valid API key is required "
-                              "(Authorization: Bearer <key>)")
-            if role not in roles:
-                raise Problem(403, "forbidden", f"this call needs the role {' or '.join(roles)}")
-            return role
-        return Depends(dependency)
 
     @router.get("/state-machine", responses={200: {"content": {"application/json": {
         "schema": {"type": "object", "required": ["states", "transitions"],
                    "additionalProperties": True}}}}})
-    async def state_machine(role: str = require("service", "support")) -> Any:
+    async def state_machine(role: AnyRole) -> Any:
         """The states and transitions of the machine the service runs (``dest`` null: an
         internal transition, the saga stays in its state)."""
         return machine_json
@@ -54,7 +41,7 @@ def support_views_router(deps: Any) -> APIRouter:
     @router.get("/generations/{generation_id}/diagram", response_class=_Svg,
                 responses={200: {"content": {"image/svg+xml": {"schema": {"type": "string"}}},
                                  "description": "The state machine as SVG"}})
-    async def diagram(generation_id: str, role: str = require("support")) -> Response:
+    async def diagram(generation_id: str, role: SupportRole) -> Response:
         """The machine as SVG; the saga's current state has ``aria-current="step"`` and the
         states and transitions its history went through have the class ``taken``."""
         try:
