@@ -312,11 +312,12 @@ class SqlIdempotency:
 
 
 _GEN_COLS = "id, user_id, state, version, created_at, updated_at, due_at, body"
-_EVENT_COLS = ('generation_id, seq, at, kind, "trigger", from_state, to_state, actor, detail')
-_EVENT_ROW = "(%s, %s, %s, %s, %s, %s, %s, %s, %s::jsonb)"
+_EVENT_COLS = ('generation_id, seq, at, kind, "trigger", from_state, to_state, actor, detail, '
+               "trace_id")
+_EVENT_ROW = "(%s, %s, %s, %s, %s, %s, %s, %s, %s::jsonb, %s)"
 _OUTBOX_COLS = ("exchange, routing_key, message_id, correlation_id, type, body, created_at, "
-                "attempts")
-_OUTBOX_ROW = "(%s, %s, %s, %s, %s, %s, %s, 0)"
+                "attempts, traceparent")
+_OUTBOX_ROW = "(%s, %s, %s, %s, %s, %s, %s, 0, %s)"
 
 
 class PendingWrites:
@@ -379,13 +380,15 @@ class PendingWrites:
                         + ", ".join([_EVENT_ROW] * len(self.history.pending)) + ")")
             for h in self.history.pending:
                 params += [h["generation_id"], h["seq"], h["at"], h["kind"], h["trigger"],
-                           h["from_state"], h["to_state"], h["actor"], json_dumps(h["detail"])]
+                           h["from_state"], h["to_state"], h["actor"], json_dumps(h["detail"]),
+                           h["trace_id"]]
         if self.outbox.pending:
             ctes.append(f"o AS (INSERT INTO outbox ({_OUTBOX_COLS}) VALUES "
                         + ", ".join([_OUTBOX_ROW] * len(self.outbox.pending)) + ")")
             for o in self.outbox.pending:
                 params += [o["exchange"], o["routing_key"], o["message_id"],
-                           o["correlation_id"], o["type"], o["body"], o["created_at"]]
+                           o["correlation_id"], o["type"], o["body"], o["created_at"],
+                           o["traceparent"]]
         for n, (record, values) in enumerate(self.keys):
             ctes.append(f'k{n} AS (INSERT INTO idempotency_keys (scope, "key", request_hash, '
                         "status, body, created_at) VALUES (%s, %s, %s, %s, %s::jsonb, %s) "
