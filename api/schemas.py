@@ -2,6 +2,9 @@
 
 Bodies are strict: unknown fields and wrong JSON types are refused. Literals (states, plans,
 formats, resolutions) come from ``saga``, so the schema cannot drift from the rules.
+
+Over 300 lines on purpose: every request body and response model in one place, the one
+source of the OpenAPI document.
 """
 
 from __future__ import annotations

@@ -22,6 +22,8 @@ healthy deadline seen while the run went on (SIGKILL restarts included).
 Run: ``python -m bench.fault_injection --generations 300 --kills 6``. Exit status 0 only if
 every check holds. ``tests/integration/test_fault_injection.py`` runs it at a reduced size.
 One script (processes, chaos, checks and report) that runs top to bottom, hence its length.
+
+One scenario that runs top to bottom (service, chaos, checks, report), hence its length.
 """
 
 from __future__ import annotations

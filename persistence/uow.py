@@ -1,4 +1,8 @@
-"""Repositories and the SQL unit of work (one database transaction per command)."""
+"""Repositories and the SQL unit of work (one database transaction per command).
+
+Over 300 lines on purpose: the unit of work, its repositories and PostgreSQL's
+one-statement write path share one connection and one transaction's story.
+"""
 
 from __future__ import annotations
 

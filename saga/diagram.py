@@ -16,6 +16,8 @@ pure Python, so the same machine always gives the same picture and nothing outsi
 Internal transitions (``dest`` None: the saga stays where it is) are drawn as loops over their
 state. When a saga is given, its current state carries ``aria-current="step"`` and the states
 and edges its history went through carry the class ``taken``.
+
+Over 300 lines on purpose: the machine's layout and its SVG rendering, one pure module.
 """
 
 from __future__ import annotations

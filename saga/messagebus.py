@@ -12,7 +12,7 @@ from datetime import datetime
 from typing import Any
 
 from saga import commands as c
-from saga import handlers
+from saga import handlers, support
 from saga.effects import Context, utcnow
 from saga.model import SagaConfig
 from saga.observer import Observer
@@ -33,13 +33,13 @@ HANDLERS: dict[type[Any], Handler] = {
     c.FireDeadlines: handlers.fire_deadlines,
     c.StoreResponse: handlers.store_response,
     # support actions, dead letters
-    c.SupportCancel: handlers.support_cancel,
-    c.SupportResolve: handlers.support_resolve,
-    c.StoreDeadLetter: handlers.store_dead_letter,
-    c.ReplayDeadLetter: handlers.replay_dead_letter,
-    c.DiscardDeadLetter: handlers.discard_dead_letter,
-    c.Park: handlers.park_saga,
-    c.SupportRetry: handlers.support_retry,
+    c.SupportCancel: support.support_cancel,
+    c.SupportResolve: support.support_resolve,
+    c.StoreDeadLetter: support.store_dead_letter,
+    c.ReplayDeadLetter: support.replay_dead_letter,
+    c.DiscardDeadLetter: support.discard_dead_letter,
+    c.Park: support.park_saga,
+    c.SupportRetry: support.support_retry,
 }
 
 

@@ -3,6 +3,9 @@
 Pages are rendered on the server with Jinja2 (autoescaped); the stylesheet and the small
 script ship in this package, so the console works offline. Every read goes through
 :mod:`api.console.data`, every change through :mod:`api.console.actions`.
+
+Over 300 lines on purpose: one router factory holds every console page and action, so
+they share one session, CSRF and template plumbing.
 """
 
 from __future__ import annotations
