@@ -1,1 +1,1 @@
-"""REST API (contract §3): thin FastAPI routes that turn requests into saga commands."""
+"""REST API (docs/api.md): thin FastAPI routes that turn requests into saga commands."""

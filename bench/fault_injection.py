@@ -4,7 +4,7 @@ Through real PostgreSQL and RabbitMQ, one ``aigen serve`` process is SIGKILLed a
 moments (``--kills`` times) and restarted, while a scripted n8n randomly delays, fails
 (retryable or not), duplicates, drops (so deadlines fire), answers late and sends garbage.
 Odoo's part is played over REST with retries and Idempotency-Keys, as Odoo would. At the end
-it checks and prints the invariants of contract §1 and §2:
+it checks and prints the invariants of docs/api.md (credits):
 
 * every generation is terminal, or in ``awaiting_selection`` with nothing held;
 * every hold was committed or released exactly once; no hold is open;

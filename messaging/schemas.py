@@ -1,4 +1,4 @@
-"""Schemas of the results n8n publishes (contract §4). Unknown extra fields are tolerated
+"""Schemas of the results n8n publishes (docs/messages.md). Unknown extra fields are tolerated
 (producers may add some); missing fields and wrong JSON types are not."""
 
 from __future__ import annotations

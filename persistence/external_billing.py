@@ -1,4 +1,4 @@
-"""The external billing backend (contract §2): Odoo's billing adapter over HTTP.
+"""The external billing backend (docs/api.md, credits): Odoo's billing adapter over HTTP.
 
 Every call is idempotent by ``hold_id``, so a call that timed out is simply repeated. Our
 database keeps a mirror of each hold (the ``holds`` table) so that settling stays exactly-once

@@ -1,4 +1,4 @@
-"""The generation state machine (contract §1), declared once and shared by every saga.
+"""The generation state machine (docs/api.md), declared once and shared by every saga.
 
 The ``Machine`` is built a single time with ``model=None`` and ``auto_transitions=False`` (the
 automatic ``to_<state>()`` triggers would let callers skip guarded transitions). Instead of

@@ -1,4 +1,4 @@
-"""The messages this service publishes (contract §4), built as plain data.
+"""The messages this service publishes (docs/messages.md), built as plain data.
 
 The outbox stores them; ``messaging`` only moves bytes. Keeping the schemas here means the
 handlers, the tests and the n8n stand-ins all agree on one definition.

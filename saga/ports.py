@@ -27,7 +27,7 @@ class Account:
 
 @dataclass(frozen=True)
 class IdempotencyRecord:
-    """Where a POST's response is stored so the same key replays it (contract §3)."""
+    """Where a POST's response is stored so the same key replays it (docs/api.md)."""
 
     scope: str  # "<role> <METHOD> <path>"
     key: str
@@ -91,7 +91,7 @@ class Inbox(Protocol):
 
 
 class Billing(Protocol):
-    """A credit backend (contract §2): the built-in ledger or the external billing service."""
+    """A credit backend: the built-in ledger or the external billing service."""
 
     #: True when settling can fail for a while (external HTTP service): the saga then waits in
     #: ``compensating``. The built-in ledger settles inside the transaction and never fails.

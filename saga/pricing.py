@@ -1,4 +1,4 @@
-"""Price book, plans and the free plan's monthly quota (contract §2).
+"""Price book, plans and the free plan's monthly quota (docs/api.md, credits).
 
 Amounts are :class:`~decimal.Decimal` with two places everywhere; nothing here is a float.
 """

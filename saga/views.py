@@ -1,4 +1,4 @@
-"""The public representations of contract §3, rendered from domain objects."""
+"""The public representations of docs/api.md, rendered from domain objects."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""A stand-in for Odoo's billing service (contract §2) on loopback, with injectable faults.
+"""A stand-in for Odoo's billing service (docs/api.md, credits) on loopback, with injectable faults.
 
 Idempotent by ``hold_id`` like the real one. It records every state change of every hold so a
 test can prove each hold was committed or released exactly once, and counts conflicting calls

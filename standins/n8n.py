@@ -39,7 +39,7 @@ def happy(job: dict[str, Any]) -> list[Reply]:
 
 
 def result_body(job: dict[str, Any], reply: Reply) -> tuple[str, bytes]:
-    """(routing key suffix, body) for ``reply`` to ``job``, exactly as contract §4 shows."""
+    """(routing key suffix, body) for ``reply`` to ``job``, exactly as docs/messages.md shows."""
     base = {"generation_id": job["generation_id"], "job_id": job["job_id"]}
     prefix = job["storage"]["prefix"]
     bucket = job["storage"]["bucket"]

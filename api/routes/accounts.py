@@ -1,4 +1,4 @@
-"""``/api/v1/accounts``: plans, grants and balances (contract §2)."""
+"""``/api/v1/accounts``: plans, grants and balances (docs/api.md, credits)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Read-only views of the state machine: its definition and a saga drawn on it (contract §7).
+"""Read-only views of the state machine: its definition and a saga drawn on it (docs/api.md).
 
 ``GET /api/v1/state-machine`` [service, support] returns the states and transitions read off
 the machine every saga runs on; ``GET /api/v1/generations/{id}/diagram`` [support] draws that

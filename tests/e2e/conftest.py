@@ -45,7 +45,7 @@ log.setLevel(logging.INFO)
 
 
 def _orchestrator_declares(vhost: RabbitVhost) -> None:
-    """The orchestrator's own start-up declaration (contract §4), before n8n activates."""
+    """The orchestrator's own start-up declaration (docs/messages.md), before n8n activates."""
     RabbitBroker(vhost.url).declare()
 
 

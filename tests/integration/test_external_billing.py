@@ -1,4 +1,4 @@
-"""The external billing adapter against a real HTTP stand-in on loopback (contract §2).
+"""The external billing adapter against a real HTTP stand-in on loopback (docs/api.md, credits).
 
 The stand-in is sometimes slow, sometimes down, sometimes answers 500 — before or after doing
 the work. Holds must still end committed or released exactly once, and a release the backend

@@ -1,4 +1,4 @@
-"""End to end through the real RabbitMQ and PostgreSQL, with a scripted n8n (contract §4).
+"""End to end through the real RabbitMQ and PostgreSQL, with a scripted n8n (docs/messages.md).
 
 Over 300 lines: each test needs the whole running service, and they share its fixtures; the
 file is a list of independent end-to-end scenarios, read one at a time.

@@ -110,7 +110,7 @@ class RabbitVhost:
 
 
 def declare_contract_topology(conn: pika.BlockingConnection) -> None:
-    """Declare what the orchestrator declares at start-up (contract §4), idempotently.
+    """Declare what the orchestrator declares at start-up (docs/messages.md), idempotently.
 
     Only for standalone checks: in production the orchestrator owns these declarations, and
     the n8n workflow neither asserts the queue nor declares the exchange.

@@ -1,7 +1,7 @@
 """End-to-end smoke run of the shipped n8n workflow against a real n8n.
 
 ``python -m tests.n8n_support.smoke`` (from the repo root) starts the whole stack on loopback,
-plays the orchestrator's part of contract §4 (publishes AIGenerationJobRequested, reads the
+plays the orchestrator's part of docs/messages.md (publishes AIGenerationJobRequested, reads the
 results), checks the happy paths, the failure-to-``retryable`` mapping, malformed jobs, and
 then measures the round-trip throughput. Exit code 0 only when every check passed.
 """
@@ -117,7 +117,7 @@ def iso(dt: datetime) -> str:
 
 
 def make_job(stage: str = "samples", deadline_s: float = 120, **overrides: Any) -> dict[str, Any]:
-    """A contract-shaped AIGenerationJobRequested (contract §4)."""
+    """A contract-shaped AIGenerationJobRequested (docs/messages.md)."""
     generation_id = str(overrides.pop("generation_id", uuid.uuid4()))
     now = datetime.now(UTC)
     base = f"users/u-42/generations/{generation_id}/"

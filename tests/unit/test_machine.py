@@ -1,4 +1,4 @@
-"""The generation state machine on its own (contract §1-§2), without a database.
+"""The generation state machine on its own (docs/api.md), without a database.
 
 Every state in ``STATES`` is crossed with every trigger in ``TRIGGERS`` and fired through
 :func:`saga.machine.fire` on a realistic saga. The expected outcome of each allowed pair —

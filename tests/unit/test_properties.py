@@ -1,4 +1,4 @@
-"""Random command sequences against the real handlers on SQLite (contract §1-§2 invariants).
+"""Random command sequences against the real handlers on SQLite (the invariants in docs/api.md).
 
 A hypothesis rule-based state machine grants credits, starts generations for users on
 several plans, selects, regenerates, cancels, delivers results for current and stale jobs,

@@ -73,7 +73,7 @@ def use_rounds(world: World, n: int, user: str = "u-1") -> list[dict[str, Any]]:
 
 def test_free_quota_counts_regenerations_and_not_released_rounds(world: World) -> None:
     """Free plan: at most 100 sample rounds per month; regenerations count, released
-    rounds don't (contract §2)."""
+    rounds don't (docs/api.md, credits)."""
     fund(world, amount="50.00")
     gen, _ = to_awaiting(world)
     world.bus.handle(Regenerate(gen["id"]))  # round 2 of the month

@@ -109,7 +109,7 @@ def test_received_results_are_recorded_as_message_in(world: World) -> None:
 
 
 def test_progress_is_notified_and_changes_nothing(world: World) -> None:
-    """Progress: a ``progress`` notification, no state or credit change (contract §4)."""
+    """Progress: a ``progress`` notification, no state or credit change (docs/messages.md)."""
     fund(world)
     gen = start(world)
     job = one_job(world)
