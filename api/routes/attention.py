@@ -12,22 +12,11 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import Response
 
 from api.deps import Body, Cursor, Deps, SupportRole, body_schema, command, query
-from api.problems import validation_problem
-from api.routes.generations import decode_cursor, encode_cursor
+from api.routes.generations import _cursor, encode_cursor
 from api.schemas import AttentionPage, GenerationOut, SupportRetryBody
 from saga.commands import SupportRetry
 
 router = APIRouter(prefix="/api/v1", tags=["attention"])
-
-
-def _cursor(cursor: str | None = None) -> Cursor | None:
-    if cursor is None:
-        return None
-    try:
-        return decode_cursor(cursor)
-    except ValueError:
-        raise validation_problem([{"field": "cursor",
-                                   "message": "is not a cursor from this API"}]) from None
 
 
 @router.get("/attention", response_model=AttentionPage)
