@@ -99,13 +99,9 @@ _LOAD_ERRORS = (KeyError, TypeError, ValueError, AttributeError, ArithmeticError
 
 def unloadable(generation_id: str, exc: Exception, row: Any) -> UnloadableSaga:
     """The error for a row whose body does not load, with what its columns still say."""
-    attention = None
-    if getattr(row, "attention_since", None) is not None:
-        attention = {"reason": row.attention_reason, "since": iso(row.attention_since),
-                     "kind": row.attention_kind}
     return UnloadableSaga(generation_id, f"{type(exc).__name__}: {exc}",
                           state=getattr(row, "state", None),
-                          user_id=getattr(row, "user_id", None), attention=attention)
+                          user_id=getattr(row, "user_id", None), attention=attention_of(row))
 
 
 # Hot-path statements are built once; each execution only binds parameters.
@@ -191,10 +187,10 @@ class SqlGenerations:
         return record_fire_failure(self.conn, generation_id, retry_at)
 
     def unpark(self, generation_id: str, now: datetime, *, actor: str, reason: str,
-               due_now: bool) -> bool | None:
+               due_now: bool, note: dict[str, Any] | None = None) -> bool | None:
         self._flush()  # plain SQL on the row: the buffered write goes first
         return unpark_row(self.conn, generation_id, now, actor=actor, reason=reason,
-                          due_now=due_now)
+                          due_now=due_now, note=note)
 
     def attention(self, limit: int, after: tuple[datetime, str] | None
                   ) -> list[dict[str, Any]]:
