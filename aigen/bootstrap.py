@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 
 from fastapi import FastAPI
@@ -19,7 +19,7 @@ from sqlalchemy import Connection, Engine, text
 from aigen import telemetry
 from aigen.demo_worker import DemoWorker, redispatch_unanswered
 from aigen.jobs.dead_letters import DeadLetterDrain
-from aigen.jobs.sweeper import Sweeper
+from aigen.jobs.sweeper import REAP_EVERY_S, Sweeper
 from aigen.metrics import PrometheusObserver
 from aigen.settings import Settings
 from api.app import ApiDeps, create_app
@@ -126,7 +126,8 @@ def build(settings: Settings, *, broker: Broker | None = None, run_migrations: b
                                                         max_attempts=min(retry.max_attempts,
                                                                          2)))
         billing_factory = functools.partial(ExternalBilling, client=client)
-        reap = functools.partial(reap_pending_holds, engine, client)
+        reap = functools.partial(reap_pending_holds, engine, client,
+                                 grace=timedelta(seconds=settings.billing_pending_grace_s))
 
     def uow_factory() -> SqlUnitOfWork:
         return SqlUnitOfWork(engine, billing_factory, after_commit=relay.wake)
@@ -134,7 +135,8 @@ def build(settings: Settings, *, broker: Broker | None = None, run_migrations: b
     bus = MessageBus(uow_factory, settings.saga_config(), observer=observer, retry=retry,
                      tracer=telemetry)
     consumer = ResultConsumer(bus, broker, observer, retry, tracer=telemetry)
-    sweeper = Sweeper(bus, engine, settings.sweeper_interval_s, reap, retry)
+    sweeper = Sweeper(bus, engine, settings.sweeper_interval_s, reap, retry,
+                      reap_every_s=min(REAP_EVERY_S, settings.billing_pending_grace_s))
     observer.gauge("aigen_outbox_backlog", "Outbox rows not yet confirmed by the broker",
                    store.backlog)
 

@@ -54,6 +54,9 @@ class Settings(BaseSettings):
 
     billing_url: str | None = None  # unset: the built-in ledger
     billing_timeout_s: float = Field(2.0, gt=0)
+    # How old a `pending` external hold must be before the reaper releases it (and how often
+    # it looks): far longer than a reservation request can take (see billing_timeout_s).
+    billing_pending_grace_s: float = Field(60.0, gt=0)
 
     demo_worker: bool | None = None  # default: on with the in-process broker
     demo_delay_s: float = Field(0.5, ge=0)

@@ -18,6 +18,7 @@ DOMAIN_STATUS = {
     "quota_exceeded": 402,
     "validation_error": 422,
     "external_billing": 409,
+    "generation_unreadable": 409,
 }
 
 

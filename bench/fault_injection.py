@@ -13,16 +13,29 @@ it checks and prints the invariants of docs/api.md (credits):
 * results sent / received / applied / refused / dead-lettered, lost 0, doubled 0.
 
 With ``--poison`` (the CI run) it also feeds poison: saga rows whose body no longer loads
-(corrupted in the database, due at once), results nested 1,200 levels deep. Each poisoned saga
-must be parked (``attention``) instead of retried forever, and the report adds the parked
-sagas by reason, ``healthy sagas stalled N`` (must be 0: a healthy saga whose deadline stayed
-passed for more than 30 s, or that ended parked or unsettled) and the worst lateness of a
-healthy deadline seen while the run went on (SIGKILL restarts included).
+(corrupted in the database, due at once), results nested 1,200 levels deep, and a billing
+backend that permanently refuses some commits. For the last, the service runs against the
+external billing stand-in (``standins/billing.py``, an HTTP server on loopback in a thread of
+this script, so it outlives every SIGKILL) instead of its built-in ledger; accounts are opened
+there, and two designated users' commits are answered 422 for good. Each poisoned saga must be
+parked (``attention``) instead of retried forever — a designated user's saga with the
+billing-refused reason as soon as a commit is due, and no commit of theirs may succeed. The
+report adds the parked sagas by reason, ``healthy sagas stalled N`` (must be 0: a healthy
+saga whose deadline stayed passed for more than 30 s, or that ended parked or unsettled) and
+the worst lateness of a healthy deadline seen while the run went on (SIGKILL restarts
+included).
+
+A parked saga keeps its hold (docs/architecture.md, parking), so with poison the credit
+invariants read: every hold of a saga that is not parked was committed or released exactly
+once; every hold still open — at billing and in our mirror alike — belongs to a parked saga,
+at most one per saga; billing's available credits equal grants - commits - those open holds;
+our mirror of each hold agrees with billing's, no ``pending`` row is left (the reaper,
+``AIGEN_BILLING_PENDING_GRACE_S`` shortened for the run, releases those a SIGKILL left), and
+each committed hold has exactly one ``credit`` commit entry in its saga's history (the
+external backend keeps the journal, so this is what "the journal agrees" means there).
 
 Run: ``python -m bench.fault_injection --generations 300 --kills 6``. Exit status 0 only if
 every check holds. ``tests/integration/test_fault_injection.py`` runs it at a reduced size.
-One script (processes, chaos, checks and report) that runs top to bottom, hence its length.
-
 One scenario that runs top to bottom (service, chaos, checks, report), hence its length.
 """
 
@@ -59,6 +72,7 @@ from persistence.tables import (
     journal,
     outbox,
 )
+from standins.billing import BillingStandIn
 from standins.n8n import Reply, ScriptedN8n
 
 KEYS = "service:fi-svc,support:fi-sup"
@@ -183,6 +197,13 @@ def run(generations: int = 300, kills: int = 6, seed: int = 11, deadline: float 
            "AIGEN_RETRY_BACKOFF_S": "0.2", "AIGEN_RETRY_BACKOFF_MAX_S": "1",
            "AIGEN_SWEEPER_INTERVAL_S": "0.2", "AIGEN_RETRY_BASE_S": "0.2",
            "AIGEN_RETRY_MAX_S": "2"}
+    billing: BillingStandIn | None = None
+    if poison:
+        billing = stack.enter_context(BillingStandIn(seed=seed))
+        # A reservation takes milliseconds on loopback: a 3 s grace is still far above the
+        # 1 s timeout, and lets the reaper release what a SIGKILL left pending within the run.
+        env.update({"AIGEN_BILLING_URL": billing.url, "AIGEN_BILLING_TIMEOUT_S": "1",
+                    "AIGEN_BILLING_PENDING_GRACE_S": "3"})
     # The OS picks the port: a port drawn from the seeded generator was the same for every
     # run with that seed, so two runs on one machine talked to each other's service. The
     # draw stays, so the seeded scenario (what n8n does to which job) is unchanged.
@@ -200,14 +221,20 @@ def run(generations: int = 300, kills: int = 6, seed: int = 11, deadline: float 
         users = [f"fi-{i}" for i in range(max(5, generations // 10))]
         granted: Counter[str] = Counter()
         for i, user in enumerate(users):
-            if i % 4 == 3:
-                call(client, "PUT", f"/api/v1/accounts/{user}", json={"plan": "pro"})
+            plan = "pro" if i % 4 == 3 else "free"
             amount = Decimal(rng.choice(["3.00", "10.00", "50.00"]))
-            r = call(client, "POST", f"/api/v1/accounts/{user}/grants",
-                     headers={"Idempotency-Key": f"grant-{user}"},
-                     json={"amount": str(amount), "reason": "fault injection"})
-            assert r.status_code == 201, r.text
+            if billing is not None:  # the external backend owns accounts (PUT/grants: 409)
+                billing.open_account(user, plan, str(amount))
+            else:
+                if plan == "pro":
+                    call(client, "PUT", f"/api/v1/accounts/{user}", json={"plan": "pro"})
+                r = call(client, "POST", f"/api/v1/accounts/{user}/grants",
+                         headers={"Idempotency-Key": f"grant-{user}"},
+                         json={"amount": str(amount), "reason": "fault injection"})
+                assert r.status_code == 201, r.text
             granted[user] += int(amount * 100)
+        if billing is not None:
+            billing.refuse_commits_for.update(users[1::max(1, len(users) // 2)][:2])
 
         stop_killing = threading.Event()
 
@@ -244,17 +271,17 @@ def run(generations: int = 300, kills: int = 6, seed: int = 11, deadline: float 
             settle_deadline = time.monotonic() + 120 + generations * 0.2
             while time.monotonic() < settle_deadline:
                 steer(client, refused)
-                if not killer_thread.is_alive() and settled(engine, poisoned):
+                if not killer_thread.is_alive() and settled(engine):
                     break
                 time.sleep(0.5)
             stop_killing.set()
             killer_thread.join()
             # Quiet period: late and duplicate results still in flight get refused.
             time.sleep(deadline + 3)
-            wait_until(lambda: settled(engine, poisoned), 60)
+            wait_until(lambda: settled(engine) and dlq_depth(amqp) == 0, 60)
             watch.stop()
         report = check(engine, amqp, chaos, granted, ids, service.kills, refused, poisoned,
-                       watch)
+                       watch, billing)
         say(format_report(report))
         return report
     finally:
@@ -339,14 +366,28 @@ class Lateness:
         self.engine.dispose()
 
 
-def settled(engine: Any, poisoned: list[str] | None = None) -> bool:
+def settled(engine: Any) -> bool:
+    """Nothing left to do: every saga that is not parked is at rest, the outbox is sent and
+    no external hold is left ``pending`` (the reaper has released what a SIGKILL left)."""
     with engine.connect() as conn:
         busy = conn.execute(select(func.count()).select_from(generations).where(
             generations.c.state.notin_(TERMINAL | {"awaiting_selection"}),
-            generations.c.id.notin_(poisoned or []))).scalar_one()
+            generations.c.attention_since.is_(None))).scalar_one()
         unsent = conn.execute(select(func.count()).select_from(outbox)
                               .where(outbox.c.sent_at.is_(None))).scalar_one()
-    return bool(busy == 0 and unsent == 0)
+        pending = conn.execute(select(func.count()).select_from(holds)
+                               .where(holds.c.status == "pending")).scalar_one()
+    return bool(busy == 0 and unsent == 0 and pending == 0)
+
+
+def dlq_depth(amqp: str) -> int:
+    """Messages still in the dead-letter queue (the service drains them into its store)."""
+    conn = pika.BlockingConnection(pika.URLParameters(amqp))
+    try:
+        return int(conn.channel().queue_declare("orchestrator.generation.results.dlq",
+                                                passive=True).method.message_count)
+    finally:
+        conn.close()
 
 
 def wait_until(predicate: Any, timeout: float) -> None:
@@ -355,51 +396,56 @@ def wait_until(predicate: Any, timeout: float) -> None:
         time.sleep(0.5)
 
 
+REFUSED_COMMIT = "billing refused to commit"  # the reason a refused commit parks with
+
+
+def reason_key(kind: str, reason: str) -> str:
+    """A parked saga's reason without the ids in it: ``kind: class: message up to an id``."""
+    words = []
+    for word in reason.replace(":", " :").split():
+        if any(c.isdigit() for c in word):
+            break
+        words.append(word)
+    return f"{kind}: " + " ".join(words).replace(" :", ":").strip(": ")
+
+
 def check(engine: Any, amqp: str, chaos: Chaos, granted: Counter[str], ids: list[str],
           kills: int, refused: Counter[str], poisoned: list[str] | None = None,
-          watch: Lateness | None = None) -> dict[str, Any]:
+          watch: Lateness | None = None, billing: BillingStandIn | None = None
+          ) -> dict[str, Any]:
     poisoned = poisoned or []
+    refusing = billing.refuse_commits_for if billing is not None else set()
     with engine.connect() as conn:
-        parked_rows = conn.execute(select(generations.c.id, generations.c.attention_kind,
+        parked_rows = conn.execute(select(generations.c.id, generations.c.user_id,
+                                          generations.c.attention_kind,
                                           generations.c.attention_reason)
                                    .where(generations.c.attention_since.is_not(None))).all()
-        parked = Counter(f"{r.attention_kind}: {str(r.attention_reason).split(':')[0]}"
+        parked = Counter(reason_key(str(r.attention_kind), str(r.attention_reason))
                          for r in parked_rows)
         parked_ids = {r.id for r in parked_rows}
-        poisoned_users = {r.user_id for r in conn.execute(
-            select(generations.c.user_id).where(generations.c.id.in_(poisoned)))}
-        poisoned_holds = {r.hold_id for r in conn.execute(
-            select(holds.c.hold_id).where(holds.c.generation_id.in_(poisoned)))}
+        # Parked by design: the corrupted rows, and designated users' sagas whose commit
+        # billing refused for good. Any other parked saga is a healthy saga stalled.
+        refused_parked = {r.id for r in parked_rows if r.user_id in refusing
+                          and REFUSED_COMMIT in str(r.attention_reason)}
+        meant_to_park = set(poisoned) | refused_parked
         states = Counter(dict(conn.execute(select(generations.c.state, func.count())
                                            .group_by(generations.c.state)).all()))
         waiting_with_hold = [r.id for r in conn.execute(select(generations)) if
-                             r.id not in poisoned and (
+                             r.id not in meant_to_park and (
                                  (r.state not in TERMINAL and r.state != "awaiting_selection")
                                  or r.body.get("hold"))]
-        hold_status = Counter(dict(conn.execute(select(holds.c.status, func.count())
-                                                .group_by(holds.c.status)).all()))
-        settlements = conn.execute(select(journal.c.hold_id, func.count()).where(
-            journal.c.kind.in_(("commit", "release"))).group_by(journal.c.hold_id)).all()
-        doubled = [h for h, n in settlements if n != 1]
-        # A parked (poisoned) saga keeps its holds for support: they are not counted here.
-        unsettled = conn.execute(select(func.count()).select_from(holds).where(
-            holds.c.status == "open", holds.c.hold_id.notin_(poisoned_holds))).scalar_one()
-        charges = dict(conn.execute(select(journal.c.user_id,
-                                           func.sum(journal.c.balance_delta_cents))
-                                    .where(journal.c.kind == "commit")
-                                    .group_by(journal.c.user_id)).all())
-        balance_errors = []
-        for row in conn.execute(select(accounts)):
-            if row.user_id in poisoned_users:
-                continue  # a parked saga's hold is still held
-            expected = granted[row.user_id] + int(charges.get(row.user_id, 0))
-            if row.balance_cents != expected or row.held_cents != 0:
-                balance_errors.append((row.user_id, row.balance_cents, expected,
-                                       row.held_cents))
-        journal_mismatch = conn.execute(text(
-            "SELECT a.user_id FROM accounts a JOIN (SELECT user_id, sum(balance_delta_cents) b,"
-            " sum(held_delta_cents) h FROM journal GROUP BY user_id) j USING (user_id)"
-            " WHERE a.balance_cents <> j.b OR a.held_cents <> j.h")).all()
+        mirror = {r.hold_id: r for r in conn.execute(select(
+            holds.c.hold_id, holds.c.user_id, holds.c.generation_id, holds.c.status,
+            holds.c.amount_cents))}
+        hold_status = Counter(r.status for r in mirror.values())
+        # A parked saga keeps its hold: an open hold is allowed only as a parked saga's one
+        # hold; anything else still open or pending is a hold nobody will settle.
+        open_by_saga = Counter(r.generation_id for r in mirror.values() if r.status == "open")
+        unsettled = sorted(h for h, r in mirror.items() if r.status == "pending" or (
+            r.status == "open" and (r.generation_id not in parked_ids
+                                    or open_by_saga[r.generation_id] > 1)))
+        held_for_parked = {h: r for h, r in mirror.items()
+                           if r.status == "open" and h not in unsettled}
         unsent = conn.execute(select(func.count()).select_from(outbox)
                               .where(outbox.c.sent_at.is_(None))).scalar_one()
         received = conn.execute(select(generation_events.c.detail).where(
@@ -411,31 +457,32 @@ def check(engine: Any, amqp: str, chaos: Chaos, granted: Counter[str], ids: list
         applied = conn.execute(select(func.count()).select_from(generation_events).where(
             generation_events.c.kind == "transition",
             generation_events.c.actor == "n8n")).scalar_one()
+        stored_letters = conn.execute(select(dead_letters.c.body).where(
+            dead_letters.c.reason.not_like("unroutable%"))).scalars().all()
+        if billing is None:
+            ledger = check_ledger(conn, granted, held_for_parked)
+        else:
+            ledger = check_billing(conn, billing, granted, mirror)
     seen = {(d["job_id"], d["event_type"]) for d in received}
-    # Results for a poisoned saga are dead-lettered (it cannot be loaded), not received.
-    lost = sorted(r for r in chaos.sent_results - seen
-                  if chaos.job_generation.get(r[0]) not in poisoned)
-    healthy_parked = sorted(parked_ids - set(poisoned))
+    # A result is accounted for once it was received or kept in the dead letters (a poisoned
+    # saga's results, and the one whose commit billing refused, are dead-lettered).
+    lost = sorted(chaos.sent_results - seen - dead_lettered_results(stored_letters))
+    healthy_parked = sorted(parked_ids - meant_to_park)
     stalled = sorted(set(watch.stalled if watch else ()) | set(healthy_parked)
                      | set(waiting_with_hold))
     poisoned_unparked = sorted(set(poisoned) - parked_ids)
-    # Dead letters: those the service moved into its store, plus any still in the DLQ.
-    with engine.connect() as conn:
-        stored = conn.execute(select(func.count()).select_from(dead_letters).where(
-            dead_letters.c.reason.not_like("unroutable%"))).scalar_one()
-    conn_amqp = pika.BlockingConnection(pika.URLParameters(amqp))
-    dead = stored + conn_amqp.channel().queue_declare("orchestrator.generation.results.dlq",
-                                                      passive=True).method.message_count
-    conn_amqp.close()
-    ok = (not waiting_with_hold and unsettled == 0 and not doubled and not balance_errors
-          and not journal_mismatch and unsent == 0 and not lost and kills >= 1
-          and dead >= chaos.garbage and len(ids) == sum(states.values())
-          and not stalled and not poisoned_unparked)
+    dead = len(stored_letters) + dlq_depth(amqp)
+    ok = (not waiting_with_hold and not unsettled and not ledger["doubled"]
+          and not ledger["balance_errors"] and not ledger["journal_mismatch"] and unsent == 0
+          and not lost and kills >= 1 and dead >= chaos.garbage
+          and len(ids) == sum(states.values()) and not stalled and not poisoned_unparked
+          and not ledger["refusal_errors"])
     return {
         "ok": ok, "generations": len(ids), "refused_requests": dict(refused), "kills": kills,
         "states": dict(states), "not_settled": waiting_with_hold, "holds": dict(hold_status),
-        "open_holds": unsettled, "doubled_settlements": doubled,
-        "balance_errors": balance_errors, "journal_mismatch": [r[0] for r in journal_mismatch],
+        "open_holds": len(unsettled), "held_for_parked": len(held_for_parked),
+        "doubled_settlements": ledger["doubled"], "balance_errors": ledger["balance_errors"],
+        "journal_mismatch": ledger["journal_mismatch"], "ledger": ledger["name"],
         "outbox_unsent": unsent, "n8n_plan": dict(chaos.plan),
         "results_sent": len(chaos.sent_results), "results_received": len(received),
         "results_applied": applied, "results_refused": dict(rejected),
@@ -443,7 +490,101 @@ def check(engine: Any, amqp: str, chaos: Chaos, granted: Counter[str], ids: list
         "poisoned": len(poisoned), "poisoned_unparked": poisoned_unparked,
         "parked": dict(parked), "healthy_stalled": stalled,
         "worst_lateness_s": round(watch.worst, 2) if watch else None,
+        "refusing_users": sorted(refusing), "commits_refused": billing.refused if billing else 0,
+        "parked_for_refusal": len(refused_parked), "refusal_errors": ledger["refusal_errors"],
     }
+
+
+def dead_lettered_results(bodies: list[bytes]) -> set[tuple[str, str]]:
+    """(job_id, event_type) of every stored dead letter that parses as a result."""
+    out = set()
+    for body in bodies:
+        try:
+            data = json.loads(body)
+        except (ValueError, RecursionError):
+            continue
+        if isinstance(data, dict) and isinstance(data.get("job_id"), str):
+            out.add((data["job_id"], str(data.get("event_type"))))
+    return out
+
+
+def check_ledger(conn: Any, granted: Counter[str], held_for_parked: dict[str, Any]
+                 ) -> dict[str, Any]:
+    """The built-in ledger: each hold settled once in the journal; balance = grants +
+    commits (negative); held = the parked sagas' open holds; the journal sums to both."""
+    settlements = conn.execute(select(journal.c.hold_id, func.count()).where(
+        journal.c.kind.in_(("commit", "release"))).group_by(journal.c.hold_id)).all()
+    doubled = [h for h, n in settlements if n != 1]
+    charges = dict(conn.execute(select(journal.c.user_id, func.sum(journal.c.balance_delta_cents))
+                                .where(journal.c.kind == "commit")
+                                .group_by(journal.c.user_id)).all())
+    held = Counter[str]()
+    for r in held_for_parked.values():
+        held[r.user_id] += r.amount_cents
+    balance_errors = []
+    for row in conn.execute(select(accounts)):
+        expected = granted[row.user_id] + int(charges.get(row.user_id, 0))
+        if row.balance_cents != expected or row.held_cents != held[row.user_id]:
+            balance_errors.append((row.user_id, row.balance_cents, expected, row.held_cents))
+    journal_mismatch = [r[0] for r in conn.execute(text(
+        "SELECT a.user_id FROM accounts a JOIN (SELECT user_id, sum(balance_delta_cents) b,"
+        " sum(held_delta_cents) h FROM journal GROUP BY user_id) j USING (user_id)"
+        " WHERE a.balance_cents <> j.b OR a.held_cents <> j.h")).all()]
+    return {"name": "built-in ledger", "doubled": doubled, "balance_errors": balance_errors,
+            "journal_mismatch": journal_mismatch, "refusal_errors": []}
+
+
+def check_billing(conn: Any, billing: BillingStandIn, granted: Counter[str],
+                  mirror: dict[str, Any]) -> dict[str, Any]:
+    """The external backend keeps the accounts and the journal; we keep a mirror of each hold
+    and the sagas' history. Each remote hold moved open -> committed|released at most once
+    (billing counts any conflicting call as a violation); available = grants - commits -
+    open holds; our mirror says what billing says; and each hold a saga reserved has exactly
+    one commit or release in its history iff it is settled, the one matching billing's."""
+    cents = {h: int(r["amount"] * 100) for h, r in billing.holds.items()}
+    settles = Counter(h for h, status in billing.transitions if status != "open")
+    doubled = sorted({h for h, n in settles.items() if n != 1} | set(billing.violations))
+    spent = Counter[str]()
+    for hold_id, remote in billing.holds.items():
+        if remote["status"] != "released":
+            spent[remote["user_id"]] += cents[hold_id]
+    balance_errors = []
+    for user, account in billing.accounts.items():
+        available = int(account["available"] * 100)
+        if available != granted[user] - spent[user]:
+            balance_errors.append((user, available, granted[user] - spent[user], 0))
+    mismatch = []
+    for hold_id, remote in billing.holds.items():
+        local = mirror.get(hold_id)
+        if local is None or local.status != remote["status"]:
+            mismatch.append(f"{hold_id}: billing {remote['status']}, "
+                            f"ours {local.status if local else 'missing'}")
+    for hold_id, local in mirror.items():
+        if hold_id not in billing.holds and local.status != "released":
+            mismatch.append(f"{hold_id}: billing never held it, ours {local.status}")
+    credits: dict[str, list[str]] = {}
+    for d in conn.execute(select(generation_events.c.detail).where(
+            generation_events.c.kind == "credit")).scalars():
+        if d.get("hold_id"):
+            credits.setdefault(d["hold_id"], []).append(d["op"])
+    for hold_id, ops in credits.items():
+        settled_as = [op for op in ops if op in ("commit", "release")]
+        status = mirror[hold_id].status if hold_id in mirror else "missing"
+        want = {"committed": ["commit"], "released": ["release"], "open": []}.get(status)
+        if ops.count("reserve") != 1 or settled_as != want:
+            mismatch.append(f"{hold_id}: history {ops}, ours {status}")
+    for hold_id, local in mirror.items():
+        if hold_id not in credits and local.status != "released":
+            mismatch.append(f"{hold_id}: {local.status} without a reservation in its history")
+    refusal_errors = [f"{h}: commit of a refusing user succeeded"
+                      for h, r in billing.holds.items()
+                      if r["user_id"] in billing.refuse_commits_for
+                      and r["status"] == "committed"]
+    if billing.refuse_commits_for and billing.refused == 0:
+        refusal_errors.append("no commit was refused: the refusal was never exercised")
+    return {"name": "external billing stand-in", "doubled": doubled,
+            "balance_errors": balance_errors, "journal_mismatch": mismatch,
+            "refusal_errors": refusal_errors}
 
 
 def format_report(r: dict[str, Any]) -> str:
@@ -452,7 +593,8 @@ def format_report(r: dict[str, Any]) -> str:
         f"  n8n behaviour per job: {json.dumps(r['n8n_plan'], sort_keys=True)}",
         f"  final states: {json.dumps(r['states'], sort_keys=True)}",
         f"  refused requests (Odoo): {json.dumps(r['refused_requests'], sort_keys=True)}",
-        f"  holds: {json.dumps(r['holds'], sort_keys=True)}; open {r['open_holds']}; "
+        f"  credits ({r['ledger']}): holds {json.dumps(r['holds'], sort_keys=True)}; "
+        f"open {r['open_holds']} (besides {r['held_for_parked']} kept by parked sagas); "
         f"settled more than once {len(r['doubled_settlements'])}",
         f"  balances != grants - charges: {len(r['balance_errors'])}; journal mismatches: "
         f"{len(r['journal_mismatch'])}; outbox unsent: {r['outbox_unsent']}",
@@ -465,6 +607,9 @@ def format_report(r: dict[str, Any]) -> str:
         f"  poison: {r['poisoned']} saga rows corrupted, not parked "
         f"{len(r['poisoned_unparked'])}; parked (by reason): "
         f"{json.dumps(r['parked'], sort_keys=True)}",
+        f"  billing refusing commits for {len(r['refusing_users'])} users: "
+        f"{r['commits_refused']} commits refused, {r['parked_for_refusal']} sagas parked for it"
+        f", errors {len(r['refusal_errors'])}",
         f"  healthy sagas stalled {len(r['healthy_stalled'])}; worst lateness of a healthy "
         f"deadline {r['worst_lateness_s']} s",
         f"  RESULT: {'OK' if r['ok'] else 'FAILED'}",
@@ -480,7 +625,9 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=11)
     parser.add_argument("--deadline", type=float, default=3.0)
     parser.add_argument("--poison", action="store_true",
-                        help="also corrupt saga rows and send deeply nested results")
+                        help="also corrupt saga rows, send deeply nested results and run "
+                        "against an external billing stand-in that permanently refuses "
+                        "some users' commits")
     args = parser.parse_args()
     report = run(args.generations, args.kills, args.seed, args.deadline, poison=args.poison)
     return 0 if report["ok"] else 1

@@ -46,6 +46,9 @@ def component(file: str, func: str) -> str | None:
         if "/sqlalchemy/orm/" in f:
             return "SQLAlchemy ORM"
         return "SQLAlchemy engine/execute/result"
+    # The tracing hooks, whether tracing is on or off (docs/tracing.md, "Cost").
+    if "/opentelemetry/" in f or f.endswith(("/aigen/telemetry.py", "/saga/tracing.py")):
+        return "tracing (aigen/telemetry, saga/tracing, opentelemetry)"
     for name, label in (
         ("/pika/", "pika"),
         ("/uvicorn/", "uvicorn"),

@@ -84,7 +84,7 @@ def record_fire_failure(conn: Connection, generation_id: str,
 
 
 def unpark_row(conn: Connection, generation_id: str, now: datetime, *, actor: str,
-               reason: str, due_now: bool) -> bool | None:
+               reason: str, due_now: bool, note: dict[str, Any] | None = None) -> bool | None:
     """Clear ``attention`` with a ``note``; ``due_now`` makes the parked timer fire now.
 
     None: no such saga; False: it is not parked."""
@@ -98,10 +98,11 @@ def unpark_row(conn: Connection, generation_id: str, now: datetime, *, actor: st
     if row is None or row.attention_since is None:
         return False
     values = _append_note(conn, generation_id, body, now, actor,
-                          {"unparked": True, "kind": row.attention_kind, "reason": reason})
+                          {"unparked": True, "kind": row.attention_kind, "reason": reason,
+                           **(note or {})})
     extra: dict[str, Any] = {}
     # A parked timer or compensation runs again now. A result's step is the message itself
-    # (replayed from the dead letters); its saga's own deadline is left as it was.
+    # (the caller replays it from the dead letters); its saga's own deadline stays as it was.
     if due_now and row.due_at is not None and row.attention_kind != "result":
         extra["due_at"] = now
     conn.execute(update(generations).where(generations.c.id == generation_id).values(

@@ -47,6 +47,13 @@ class SqlDeadLetters:
                           .values(status=status, resolved_at=at, resolved_by=by,
                                   resolved_reason=reason))
 
+    def open_for_generation(self, generation_id: str) -> list[DeadLetter]:
+        query = (select(dead_letters).where(dead_letters.c.generation_id == generation_id,
+                                            dead_letters.c.status == "open")
+                 .order_by(dead_letters.c.dead_lettered_at, dead_letters.c.id)
+                 .with_for_update())
+        return [_letter(r) for r in self.conn.execute(query)]
+
     def search(self, *, status: str | None, limit: int,
                after: tuple[datetime, str] | None) -> list[DeadLetter]:
         query = select(dead_letters)

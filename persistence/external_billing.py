@@ -46,10 +46,11 @@ def _mark_released(engine: Engine, hold_id: str) -> None:
 
 
 def reap_pending_holds(engine: Engine, client: HttpBillingClient, now: datetime,
-                       limit: int = 100) -> int:
+                       limit: int = 100, grace: timedelta = PENDING_GRACE) -> int:
     """Release remote holds whose reservation never reached a commit of ours.
 
-    A ``pending`` row older than :data:`PENDING_GRACE` belongs to a request that rolled back
+    A ``pending`` row older than ``grace`` (:data:`PENDING_GRACE` unless
+    ``AIGEN_BILLING_PENDING_GRACE_S`` says otherwise) belongs to a request that rolled back
     or to a process that died mid-request: the backend may hold credits for it, nobody will
     ever settle them, so they are released (idempotently; 404 means nothing was held).
 
@@ -61,7 +62,7 @@ def reap_pending_holds(engine: Engine, client: HttpBillingClient, now: datetime,
     released = 0
     with engine.connect() as conn, conn.begin():
         stale = conn.execute(select(holds.c.hold_id).where(
-            holds.c.status == "pending", holds.c.created_at < now - PENDING_GRACE)
+            holds.c.status == "pending", holds.c.created_at < now - grace)
             .order_by(holds.c.created_at).limit(limit)
             .with_for_update(skip_locked=True)).scalars().all()
         for hold_id in stale:

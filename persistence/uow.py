@@ -97,6 +97,13 @@ def attention_of(row: Any) -> dict[str, Any] | None:
 # What a corrupt body makes saga_from_row raise (missing or mistyped fields).
 _LOAD_ERRORS = (KeyError, TypeError, ValueError, AttributeError, ArithmeticError)
 
+def unloadable(generation_id: str, exc: Exception, row: Any) -> UnloadableSaga:
+    """The error for a row whose body does not load, with what its columns still say."""
+    return UnloadableSaga(generation_id, f"{type(exc).__name__}: {exc}",
+                          state=getattr(row, "state", None),
+                          user_id=getattr(row, "user_id", None), attention=attention_of(row))
+
+
 # Hot-path statements are built once; each execution only binds parameters.
 _GET = select(generations).where(generations.c.id == bindparam("gid"))
 _GET_FOR_UPDATE = _GET.with_for_update()
@@ -136,7 +143,7 @@ class SqlGenerations:
         try:
             return saga_from_row(row)
         except _LOAD_ERRORS as exc:
-            raise UnloadableSaga(generation_id, f"{type(exc).__name__}: {exc}") from exc
+            raise unloadable(generation_id, exc, row) from exc
 
     def add(self, saga: Generation) -> None:
         if self.writes is not None:
@@ -164,11 +171,11 @@ class SqlGenerations:
         gid = self.conn.execute(_CLAIM_DUE, {"now": now}).scalar()
         if gid is None:
             return None
+        row = self.conn.execute(_GET, {"gid": gid}).first()
         try:
-            row = self.conn.execute(_GET, {"gid": gid}).first()
             return saga_from_row(row)
         except _LOAD_ERRORS as exc:
-            raise UnloadableSaga(gid, f"{type(exc).__name__}: {exc}") from exc
+            raise unloadable(gid, exc, row) from exc
 
     # -- parking (plain SQL by id: works when the row cannot be loaded into a Generation) --
     def park(self, generation_id: str, kind: str, reason: str, now: datetime) -> bool:
@@ -180,10 +187,10 @@ class SqlGenerations:
         return record_fire_failure(self.conn, generation_id, retry_at)
 
     def unpark(self, generation_id: str, now: datetime, *, actor: str, reason: str,
-               due_now: bool) -> bool | None:
+               due_now: bool, note: dict[str, Any] | None = None) -> bool | None:
         self._flush()  # plain SQL on the row: the buffered write goes first
         return unpark_row(self.conn, generation_id, now, actor=actor, reason=reason,
-                          due_now=due_now)
+                          due_now=due_now, note=note)
 
     def attention(self, limit: int, after: tuple[datetime, str] | None
                   ) -> list[dict[str, Any]]:

@@ -62,8 +62,30 @@ class BillingRefused(Exception):
 
 
 class UnloadableSaga(Exception):
-    """A saga row exists but cannot be loaded into a ``Generation`` (a corrupt body)."""
+    """A saga row exists but cannot be loaded into a ``Generation`` (a corrupt body).
 
-    def __init__(self, generation_id: str, cause: str) -> None:
+    ``state``, ``user_id`` and ``attention`` are what the row's own columns still say, when
+    the loader read them (the API answers with them: :class:`GenerationUnreadable`)."""
+
+    def __init__(self, generation_id: str, cause: str, *, state: str | None = None,
+                 user_id: str | None = None,
+                 attention: dict[str, Any] | None = None) -> None:
         super().__init__(f"generation {generation_id} cannot be loaded: {cause}")
         self.generation_id = generation_id
+        self.state = state
+        self.user_id = user_id
+        self.attention = attention
+
+
+class GenerationUnreadable(DomainError):
+    """A request about a generation whose stored row cannot be loaded: 409, with the row's
+    ``generation_id``, ``state`` and ``attention`` (``null`` until something parked it)."""
+
+    code = "generation_unreadable"
+
+    @classmethod
+    def of(cls, exc: UnloadableSaga) -> GenerationUnreadable:
+        return cls(f"generation {exc.generation_id} is stored but cannot be read; support "
+                   "has to repair it (it is parked once the service tries to use it)",
+                   generation_id=exc.generation_id, state=exc.state,
+                   attention=exc.attention)

@@ -32,6 +32,7 @@ from saga.effects import Context, apply_intents, park, transition
 from saga.errors import (
     ConcurrencyConflict,
     DomainError,
+    GenerationUnreadable,
     InvalidRequest,
     InvalidState,
     NotFound,
@@ -71,7 +72,10 @@ def idempotent(ctx: Context, idem: IdempotencyRecord | None, status: int,
                 stored = uow.idempotency.get(idem)
                 if stored is not None:
                     raise AlreadyAnswered(stored)
-            view = work(uow, now)
+            try:
+                view = work(uow, now)
+            except UnloadableSaga as exc:  # a corrupt row: a refusal, never a crash
+                raise GenerationUnreadable.of(exc) from exc
             if idem is not None:
                 uow.idempotency.put(idem, status, view, now)
             uow.commit()
@@ -154,7 +158,8 @@ def _steer(ctx: Context, generation_id: str, trigger: str,
     try:
         return idempotent(ctx, idem, status, work)
     except DomainError as exc:
-        if not isinstance(exc, NotFound):
+        # An unreadable saga cannot be loaded to note the refusal in: the 409 says it all.
+        if not isinstance(exc, NotFound | GenerationUnreadable):
             _record_refusal(ctx, generation_id, trigger, exc)
         raise
 

@@ -66,8 +66,9 @@ class GenerationRepository(Protocol):
         """Count a failed firing, move ``due_at`` to ``retry_at(count)``; the count."""
 
     def unpark(self, generation_id: str, now: datetime, *, actor: str, reason: str,
-               due_now: bool) -> bool | None:
-        """Clear ``attention`` with a ``note``; None if unknown, False if not parked."""
+               due_now: bool, note: dict[str, Any] | None = None) -> bool | None:
+        """Clear ``attention`` with a ``note`` (``note``: more of its detail); None if
+        unknown, False if not parked."""
 
     def attention(self, limit: int, after: tuple[datetime, str] | None
                   ) -> list[dict[str, Any]]:
@@ -187,3 +188,6 @@ class DeadLetterStore(Protocol):
     def search(self, *, status: str | None, limit: int,
                after: tuple[datetime, str] | None) -> list[DeadLetter]:
         """Newest first."""
+
+    def open_for_generation(self, generation_id: str) -> list[DeadLetter]:
+        """The generation's open dead letters, oldest first, locked until the commit."""

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
-from saga.errors import NotFound
+from saga.errors import GenerationUnreadable, NotFound, UnloadableSaga
 from saga.ports import IdempotencyRecord, UnitOfWork
 from saga.views import account_view, dead_letter_view, generation_view
 
@@ -22,8 +22,13 @@ class Queries:
         self.uow_factory = uow_factory
 
     def get(self, generation_id: str) -> dict[str, Any]:
+        """The Generation resource; a stored row that no longer loads is
+        :class:`GenerationUnreadable` (409 with its state and attention), never a crash."""
         with self.uow_factory() as uow:
-            saga = uow.generations.get(generation_id)
+            try:
+                saga = uow.generations.get(generation_id)
+            except UnloadableSaga as exc:
+                raise GenerationUnreadable.of(exc) from exc
         if saga is None:
             raise NotFound(f"generation {generation_id} not found")
         return generation_view(saga)
@@ -39,12 +44,18 @@ class Queries:
         return [generation_view(s) for s in sagas], cursor
 
     def history(self, generation_id: str) -> dict[str, Any]:
+        """The saga's history. Its events are rows of their own, so they stay readable when
+        the saga's body does not load (then ``state`` is the row's state column)."""
         with self.uow_factory() as uow:
-            saga = uow.generations.get(generation_id)
-            if saga is None:
+            try:
+                saga = uow.generations.get(generation_id)
+                state = saga.state if saga is not None else None
+            except UnloadableSaga as exc:
+                state = exc.state
+            if state is None:
                 raise NotFound(f"generation {generation_id} not found")
             events = uow.history.events(generation_id)
-        return {"id": saga.id, "state": saga.state, "events": events}
+        return {"id": generation_id, "state": state, "events": events}
 
     def account(self, user_id: str) -> dict[str, Any]:
         with self.uow_factory() as uow:

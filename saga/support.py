@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 from datetime import datetime
+from typing import Any
 
 from saga import intents as it
 from saga import triggers as tg
@@ -145,17 +146,27 @@ def replay_dead_letter(ctx: Context, cmd: ReplayDeadLetter,
         if "\x00" in letter.body.decode():
             raise InvalidState("the body contains NUL characters: a replay would only be "
                                "dead-lettered again; discard it instead", state=letter.status)
-        event_type = data.get("event_type") if isinstance(data, dict) else None
-        uow.outbox.add(OutboundMessage(
-            letter.exchange, letter.routing_key, new_id(), letter.generation_id or "",
-            event_type[:64] if isinstance(event_type, str) else "replay", {},
-            payload=letter.body), now)
+        _republish(uow, letter, now, data)
         uow.dead_letters.resolve(letter.id, "replayed", now, "support", cmd.reason)
         _note_letter(ctx, uow, letter, "replay_dead_letter", cmd.reason, now)
         return dead_letter_view(replace(letter, status="replayed", resolved_at=now,
                                         resolved_by="support", resolved_reason=cmd.reason))
 
     return idempotent(ctx, idem, 202, work)
+
+
+def _republish(uow: UnitOfWork, letter: DeadLetter, now: datetime, data: Any = None) -> None:
+    """Publish a stored body again, through the outbox, to its exchange and routing key."""
+    if data is None:
+        try:
+            data = json.loads(letter.body)
+        except (ValueError, UnicodeDecodeError, RecursionError):
+            data = None
+    event_type = data.get("event_type") if isinstance(data, dict) else None
+    uow.outbox.add(OutboundMessage(
+        letter.exchange, letter.routing_key, new_id(), letter.generation_id or "",
+        event_type[:64] if isinstance(event_type, str) else "replay", {},
+        payload=letter.body), now)
 
 
 def discard_dead_letter(ctx: Context, cmd: DiscardDeadLetter,
@@ -213,22 +224,47 @@ def park_saga(ctx: Context, cmd: Park, idem: IdempotencyRecord | None = None) ->
     return ctx.retrying(attempt)
 
 
+# Dead-letter reasons of a result that parsed but whose processing failed (messaging.consumer):
+# the step a saga parked with kind ``result`` is waiting for. Any other reason (schema,
+# not_json, too deep, ...) would only be dead-lettered again.
+REPLAYABLE_RESULT_REASONS = ("processing_error:", "retry_budget_exhausted:")
+
+
 def support_retry(ctx: Context, cmd: SupportRetry,
                   idem: IdempotencyRecord | None = None) -> View:
-    """Clear ``attention`` and make the parked step run again now (its deadline is due)."""
+    """Clear ``attention`` and make the parked step run again now.
+
+    A parked timer or compensation: its deadline is due now, the sweeper fires it. A parked
+    result (kind ``result``): the step is the message, so every open dead letter of this
+    generation that is a result whose processing failed is published again (through the
+    outbox, as :func:`replay_dead_letter` does) and marked replayed by support with the
+    retry's reason; the unpark note lists their ids (``replayed_dead_letters``, possibly
+    empty). A result that fails again parks the saga again, with a new dead letter.
+    """
     def work(uow: UnitOfWork, now: datetime) -> View:
-        done = uow.generations.unpark(cmd.generation_id, now, actor="support",
-                                      reason=cmd.reason, due_now=True)
-        if done is None:
-            raise NotFound(f"generation {cmd.generation_id} not found")
-        if not done:
-            raise InvalidState("nothing is parked for this generation")
         try:
-            saga = uow.generations.get(cmd.generation_id)
+            saga = uow.generations.get(cmd.generation_id, for_update=True)
         except Exception as exc:  # still a corrupt row: keep it parked until it is repaired
             raise InvalidState(f"the stored saga cannot be loaded ({type(exc).__name__}); "
                                "repair its row first") from exc
-        assert saga is not None
-        return generation_view(saga)
+        if saga is None:
+            raise NotFound(f"generation {cmd.generation_id} not found")
+        if saga.attention is None:
+            raise InvalidState("nothing is parked for this generation")
+        letters: list[DeadLetter] = []
+        note: dict[str, Any] | None = None
+        if saga.attention.get("kind") == "result":
+            letters = [letter for letter in uow.dead_letters.open_for_generation(saga.id)
+                       if letter.routing_key.startswith("generation.result.")
+                       and letter.reason.startswith(REPLAYABLE_RESULT_REASONS)]
+            note = {"replayed_dead_letters": [letter.id for letter in letters]}
+        uow.generations.unpark(saga.id, now, actor="support", reason=cmd.reason,
+                               due_now=True, note=note)
+        for letter in letters:
+            _republish(uow, letter, now)
+            uow.dead_letters.resolve(letter.id, "replayed", now, "support", cmd.reason)
+        unparked = uow.generations.get(saga.id)
+        assert unparked is not None
+        return generation_view(unparked)
 
     return idempotent(ctx, idem, 200, work)

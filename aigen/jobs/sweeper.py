@@ -31,7 +31,7 @@ class Sweeper:
 
     def __init__(self, bus: MessageBus, engine: Engine, interval: float,
                  reap: Callable[[datetime], int] | None = None,
-                 retry: RetryPolicy | None = None) -> None:
+                 retry: RetryPolicy | None = None, reap_every_s: float = REAP_EVERY_S) -> None:
         self.bus = bus
         # Backoff while a whole sweep fails (database down); one saga's failing firing is
         # handled inside the sweep (its deadline moves, or it is parked) and never ends it.
@@ -39,10 +39,11 @@ class Sweeper:
         self.engine = engine
         self.interval = interval
         self.reap = reap  # releases external holds whose reservation never committed
+        self.reap_every_s = reap_every_s
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="deadline-sweeper", daemon=True)
         self._last_purge = -PURGE_EVERY_S
-        self._last_reap = -REAP_EVERY_S
+        self._last_reap = -reap_every_s
 
     def start(self) -> None:
         self._thread.start()
@@ -65,7 +66,7 @@ class Sweeper:
                 self._stop.wait(self.interval)
 
     def _housekeeping(self) -> None:
-        if self.reap is not None and time.monotonic() - self._last_reap >= REAP_EVERY_S:
+        if self.reap is not None and time.monotonic() - self._last_reap >= self.reap_every_s:
             self._last_reap = time.monotonic()
             released = self.reap(utcnow())
             if released:

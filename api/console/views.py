@@ -27,7 +27,7 @@ from api.console.session import COOKIE, MAX_AGE_S, Session, Sessions
 from api.console.timeline import timeline
 from api.threads import blocking
 from saga.diagram import definition, render_svg, taken_from_history
-from saga.errors import DomainError, NotFound
+from saga.errors import DomainError, GenerationUnreadable, NotFound
 from saga.machine import STATES
 
 log = logging.getLogger(__name__)
@@ -49,6 +49,16 @@ class _Refused(Exception):
     def __init__(self, status: int, title: str, message: str) -> None:
         super().__init__(message)
         self.status, self.title, self.message = status, title, message
+
+
+def _unreadable_message(exc: GenerationUnreadable) -> str:
+    """What support can still learn about a generation whose stored row cannot be read."""
+    attention = exc.extra.get("attention")
+    parked = (f"It is parked ({attention['kind']}) since {attention['since']}: "
+              f"{attention['reason']}." if attention else "Nothing has parked it yet.")
+    return (f"Generation {exc.extra.get('generation_id')} is stored in state "
+            f"{exc.extra.get('state')}, but its row cannot be read. {parked} Repair the row "
+            "first, then retry it with POST /api/v1/generations/{id}/support/retry.")
 
 
 def console_router(deps: Any) -> APIRouter:
@@ -229,6 +239,9 @@ def console_router(deps: Any) -> APIRouter:
             hist = await read(data.history, service, generation_id)
         except NotFound as exc:
             return refused(request, _Refused(404, "Not found", exc.message))
+        except GenerationUnreadable as exc:
+            return refused(request, _Refused(409, "Generation cannot be read",
+                                             _unreadable_message(exc)))
         svg = render_svg(machine, current=hist["state"],
                          taken=taken_from_history(hist["events"]),
                          title=f"State diagram: this generation is {hist['state']}")

@@ -17,6 +17,12 @@ def test_fault_injection_keeps_every_promise(pg_url: str, amqp_vhost: str) -> No
     assert "healthy sagas stalled 0;" in text
     assert report["poisoned"] == 3 and report["poisoned_unparked"] == []
     assert sum(report["parked"].values()) >= 3
+    # Billing refuses two users' commits for good: their sagas park with that reason, keep
+    # their holds (open at billing and in our mirror), and no commit of theirs goes through.
+    assert len(report["refusing_users"]) == 2 and report["commits_refused"] >= 1
+    assert report["parked_for_refusal"] >= 1 and report["refusal_errors"] == []
+    assert any("billing refused to commit" in reason for reason in report["parked"])
+    assert report["held_for_parked"] >= report["parked_for_refusal"]
     assert report["kills"] == 5
     assert report["open_holds"] == 0 and report["doubled_settlements"] == []
     assert report["balance_errors"] == [] and report["journal_mismatch"] == []

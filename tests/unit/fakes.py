@@ -94,7 +94,7 @@ class FakeGenerations:
         return self.fire_failures[generation_id]
 
     def unpark(self, generation_id: str, now: datetime, *, actor: str, reason: str,
-               due_now: bool) -> bool | None:
+               due_now: bool, note: dict[str, Any] | None = None) -> bool | None:
         saga = self.store.sagas.get(generation_id)
         if saga is None:
             return None
@@ -105,7 +105,8 @@ class FakeGenerations:
         self.fire_failures.pop(generation_id, None)
         if due_now and saga.due_at is not None and kind != "result":
             saga.due_at = now
-        self._note(saga, actor, {"unparked": True, "kind": kind, "reason": reason})
+        self._note(saga, actor, {"unparked": True, "kind": kind, "reason": reason,
+                                 **(note or {})})
         return True
 
     def attention(self, limit: int, after: tuple[datetime, str] | None

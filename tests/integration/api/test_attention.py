@@ -2,14 +2,30 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 from fastapi.testclient import TestClient
 from httpx import Response
 
+from aigen.jobs.dead_letters import DeadLetterDrain
+from messaging.broker import Delivery
+from messaging.consumer import ResultConsumer
 from saga.commands import FireDeadlines, Park
+from saga.messages import DEAD_LETTER_QUEUE, RESULTS_QUEUE
+from saga.observer import NullObserver
 from tests.conftest import World
-from tests.integration.api.helpers import GENERATIONS, SUP, SVC, get, grant, history, start_ok
+from tests.integration.api.helpers import (
+    GENERATIONS,
+    SUP,
+    SVC,
+    get,
+    grant,
+    history,
+    only_job,
+    samples,
+    start_ok,
+)
 
 ATTENTION = "/api/v1/attention"
 
@@ -127,3 +143,63 @@ def test_retrying_a_parked_result_leaves_the_sagas_own_deadline_alone(
     after = get(client, gen["id"])
     assert after["state"] == "processing_samples"
     assert after["deadline_at"] == gen["deadline_at"] and after["attention"] is None
+
+
+def _dead_letter(world: World, body: bytes, reason: str, message_id: str) -> None:
+    """Dead-letter ``body`` as the result consumer does, then drain the DLQ into the store."""
+    world.broker.dead_letter(Delivery(body, "generation.result.samples_ready", message_id),
+                             reason)
+    handle = DeadLetterDrain(world.bus, world.broker, world.clock).handler(DEAD_LETTER_QUEUE)
+    q = world.broker.queues[DEAD_LETTER_QUEUE]
+    while not q.empty():
+        handle(q.get_nowait())
+
+
+def test_retrying_a_parked_result_replays_the_result_that_parked_it(
+        client: TestClient, pg_world: World) -> None:
+    grant(client)
+    gen = start_ok(client)
+    job = only_job(pg_world, gen["id"])
+    body = json.dumps({"event_type": "AIGenerationSamplesReady", "generation_id": gen["id"],
+                       "job_id": job["job_id"], "samples": samples()}).encode()
+    # What the consumer does when applying a result fails for good: park, then dead-letter.
+    reason = "processing_error: BillingRefused: billing refused to commit h-1 with HTTP 422"
+    park(pg_world, gen["id"], "result", reason)
+    _dead_letter(pg_world, body, reason, "m-1")
+    # A result that never parsed is not the parked step: a replay would only fail again.
+    _dead_letter(pg_world, json.dumps({"generation_id": gen["id"]}).encode(),
+                 "schema: event_type is missing", "m-2")
+
+    r = retry(client, gen["id"], "billing fixed")
+    assert r.status_code == 200, r.text
+    assert r.json()["attention"] is None
+    pg_world.pump()
+    [replayed] = list(pg_world.broker.queues[RESULTS_QUEUE].queue)
+    assert replayed.body == body and replayed.routing_key == "generation.result.samples_ready"
+    ResultConsumer(pg_world.bus, pg_world.broker, NullObserver()).handle(
+        pg_world.broker.queues[RESULTS_QUEUE].get_nowait())
+    assert get(client, gen["id"])["state"] == "awaiting_selection"
+
+    letters = client.get("/api/v1/dead-letters", params={"status": "all"},
+                         headers=SUP).json()["items"]
+    status = {item["reason"].split(":")[0]: item for item in letters}
+    assert status["processing_error"]["status"] == "replayed"
+    assert status["processing_error"]["resolved_reason"] == "billing fixed"
+    assert status["schema"]["status"] == "open"
+    [note] = [e for e in history(client, gen["id"])
+              if e["kind"] == "note" and e["detail"].get("unparked")]
+    assert note["detail"]["replayed_dead_letters"] == [status["processing_error"]["id"]]
+
+
+def test_retrying_a_parked_result_whose_letter_is_gone_only_clears_the_attention(
+        client: TestClient, pg_world: World) -> None:
+    grant(client)
+    gen = start_ok(client)
+    park(pg_world, gen["id"], "result", "processing_error: forced")
+    r = retry(client, gen["id"], "already replayed by hand")
+    assert r.status_code == 200 and r.json()["attention"] is None
+    pg_world.pump()
+    assert pg_world.broker.queues[RESULTS_QUEUE].empty()
+    [note] = [e for e in history(client, gen["id"])
+              if e["kind"] == "note" and e["detail"].get("unparked")]
+    assert note["detail"]["replayed_dead_letters"] == []
