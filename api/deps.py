@@ -24,7 +24,13 @@ from api.problems import DOMAIN_STATUS, Problem, field_errors, problem_response,
 from api.threads import blocking
 from saga.commands import StoreResponse
 from saga.errors import DomainError
-from saga.input_policy import JsonRefused, JsonTooDeep, body_hash, check_user_id, loads_bounded
+from saga.input_policy import (
+    JsonRefused,
+    JsonTooDeep,
+    check_user_id,
+    loads_bounded,
+    validated_body_hash,
+)
 from saga.inputs import find_nul
 from saga.ports import AlreadyAnswered, IdempotencyRace, IdempotencyRecord
 
@@ -238,7 +244,8 @@ async def command(request: Request, deps: ApiDeps, role: str, body: BaseModel, s
     idem = _idempotency(request, role, required=key_required)
     if idem is not None:
         # Canonical JSON (sorted keys): the same request with its keys reordered replays.
-        digest = body_hash(body.model_dump(mode="json"))
+        # Same digest as body_hash (a key stored before this release still matches).
+        digest = validated_body_hash(body.model_dump(mode="json"))
         idem = IdempotencyRecord(idem.scope, idem.key, digest)
     return await blocking(_run_command, deps, cmd, idem, status, request.url.path)
 
