@@ -60,7 +60,8 @@ class Runtime:
 
     def start(self) -> None:
         self.broker.start()
-        self.broker.consume(RESULTS_QUEUE, self.consumer.handle)
+        self.broker.consume_batches(RESULTS_QUEUE, self.consumer.handle_batch,
+                                    max_batch=self.settings.consumer_batch_size)
         if self.dead_letters:
             self.dead_letters.start()
         if self.demo_worker:

@@ -28,6 +28,9 @@ _COUNTERS = {
                       "Deadline firings that raised (retried later or parked)", ["cause"]),
     "result_redeliveries": ("aigen_result_redeliveries_total",
                             "Results republished after a transient failure", []),
+    "result_batches": ("aigen_result_batches_total",
+                       "Result batches of two or more: committed in one transaction, or split "
+                       "into one per result because the batch failed", ["outcome"]),
 }
 
 

@@ -77,6 +77,10 @@ class Disposition(Enum):
     RETRY = "retry"  # transient failure (database down): give it back to the broker
 
 
+# Takes the deliveries that are ready, returns one disposition per delivery, in order.
+BatchHandler = Callable[[Sequence[Delivery]], list[Disposition]]
+
+
 class Broker(Protocol):
     def start(self) -> None:
         """Connect (or keep trying in the background); never raises for a missing server."""
@@ -90,6 +94,10 @@ class Broker(Protocol):
     def consume(self, queue: str, handler: Callable[[Delivery], Disposition]) -> None:
         """Start consuming ``queue`` in the background."""
 
+    def consume_batches(self, queue: str, handler: BatchHandler, *, max_batch: int) -> None:
+        """Start consuming ``queue``; ``handler`` gets the deliveries that are ready (up to
+        ``max_batch``, never waiting for more) and returns one disposition for each."""
+
     def redeliver(self, delivery: Delivery, headers: dict[str, Any]) -> None:
         """Publish ``delivery`` again to the back of its queue with ``headers`` added; return
         once the broker confirmed it (raise otherwise). The caller then acks the original."""
@@ -101,6 +109,23 @@ class Broker(Protocol):
 
     def close(self) -> None:
         """Same as :meth:`stop` (kept for existing callers)."""
+
+
+def run_batch_handler(handler: BatchHandler, deliveries: Sequence[Delivery]
+                      ) -> list[Disposition]:
+    """:func:`run_handler` for a batch: a handler that raises (or answers for the wrong
+    number of deliveries) hands every delivery of the batch back (RETRY)."""
+    try:
+        outcomes = handler(deliveries)
+    except Exception:
+        log.exception("batch handler failed; its %d messages go back to the broker",
+                      len(deliveries))
+        return [Disposition.RETRY] * len(deliveries)
+    if len(outcomes) != len(deliveries):
+        log.error("batch handler answered %d of %d messages; they go back to the broker",
+                  len(outcomes), len(deliveries))
+        return [Disposition.RETRY] * len(deliveries)
+    return outcomes
 
 
 def run_handler(handler: Callable[[Delivery], Disposition], delivery: Delivery) -> Disposition:

@@ -17,15 +17,17 @@ once with ``x-rejection-reason`` and parks its saga (``attention`` kind ``result
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from pydantic import TypeAdapter, ValidationError
 
-from messaging.broker import ATTEMPTS_HEADER, Broker, Delivery, Disposition
+from messaging.broker import ATTEMPTS_HEADER, Broker, Delivery, Disposition, run_handler
 from messaging.schemas import Result
-from saga.commands import ApplyResult, Park
+from saga.commands import ApplyResult, ApplyResults, Park
 from saga.failures import FAILURE_LOG
 from saga.handlers import UNKNOWN_GENERATION
 from saga.input_policy import JsonInvalid, JsonTooDeep, loads_bounded
@@ -81,22 +83,69 @@ class ResultConsumer:
             log.debug("result %s for generation %s", delivery.routing_key, generation_id)
             return self._handle(delivery)
 
+    def handle_batch(self, deliveries: Sequence[Delivery]) -> list[Disposition]:
+        """Apply the deliveries that are ready together: one transaction, one commit.
+
+        Malformed ones are dead-lettered on their own first. If the batch's transaction
+        raises, nothing of it stays and each result is applied again on its own, exactly as
+        :meth:`handle` does (its own retry, dead letter and parking): one bad result never
+        takes the others down. The caller acks only after this returns, so after the commit.
+        With tracing on, each result keeps its own span and transaction (:meth:`handle`).
+        """
+        if len(deliveries) == 1 or self.tracer.enabled():
+            return [run_handler(self.handle, d) for d in deliveries]
+        outcomes: list[Disposition] = [Disposition.ACK] * len(deliveries)
+        batch: list[tuple[int, Delivery, ApplyResult]] = []
+        for i, delivery in enumerate(deliveries):
+            command_or_reason = parse_result(delivery.body)
+            if isinstance(command_or_reason, str):
+                outcomes[i] = run_handler(
+                    functools.partial(self._refuse, reason=command_or_reason), delivery)
+            else:
+                batch.append((i, delivery, command_or_reason))
+        if len(batch) == 1:
+            i, delivery, cmd = batch[0]
+            outcomes[i] = run_handler(functools.partial(self._apply, cmd=cmd), delivery)
+        elif batch:
+            try:
+                applied = self.bus.handle(ApplyResults(tuple(cmd for _, _, cmd in batch)))
+            except Exception as exc:
+                log.debug("a batch of %d results failed (%s: %s); applying them one by one",
+                         len(batch), type(exc).__name__, str(exc)[:200])
+                self.observer.count("result_batches", outcome="split")
+                for i, delivery, cmd in batch:
+                    outcomes[i] = run_handler(functools.partial(self._apply, cmd=cmd), delivery)
+            else:
+                FAILURE_LOG.recovered("applying a result")
+                self.observer.count("result_batches", outcome="committed")
+                for (_, _, cmd), outcome in zip(batch, applied, strict=True):
+                    self._applied(cmd, outcome)
+        return outcomes
+
     def _handle(self, delivery: Delivery) -> Disposition:
         command_or_reason = parse_result(delivery.body)
         if isinstance(command_or_reason, str):
-            self._dead_letter(delivery, command_or_reason)
-            return Disposition.ACK
+            return self._refuse(delivery, command_or_reason)
+        return self._apply(delivery, command_or_reason)
+
+    def _refuse(self, delivery: Delivery, reason: str) -> Disposition:
+        self._dead_letter(delivery, reason)
+        return Disposition.ACK
+
+    def _apply(self, delivery: Delivery, cmd: ApplyResult) -> Disposition:
         try:
-            outcome = self.bus.handle(command_or_reason)
+            outcome = self.bus.handle(cmd)
         except Exception as exc:
-            return self._failed(delivery, command_or_reason, exc)
+            return self._failed(delivery, cmd, exc)
         FAILURE_LOG.recovered("applying a result")
+        self._applied(cmd, outcome)
+        return Disposition.ACK
+
+    def _applied(self, cmd: ApplyResult, outcome: str) -> None:
         if outcome == UNKNOWN_GENERATION:
             log.warning("result for unknown generation %s (job %s)",
-                        command_or_reason.generation_id, command_or_reason.job_id)
-            self.observer.count("results", event_type=command_or_reason.event_type,
-                                outcome=outcome)
-        return Disposition.ACK
+                        cmd.generation_id, cmd.job_id)
+            self.observer.count("results", event_type=cmd.event_type, outcome=outcome)
 
     def _failed(self, delivery: Delivery, cmd: ApplyResult, exc: Exception) -> Disposition:
         cause = classify(exc)

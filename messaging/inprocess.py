@@ -1,7 +1,8 @@
 """An in-process broker with the same contract as the RabbitMQ adapter.
 
 For the embedded default (one process, no server) and unit tests: topic routing, durable-ish
-FIFO queues, one consumer thread per queue, dead-lettering into the DLQ.
+FIFO queues, one consumer thread per queue (per message, or in batches of what is queued),
+dead-lettering into the DLQ.
 """
 
 from __future__ import annotations
@@ -18,8 +19,10 @@ from messaging.broker import (
     EXCHANGES,
     QUEUES,
     RETRY_PAUSE_S,
+    BatchHandler,
     Delivery,
     Disposition,
+    run_batch_handler,
     run_handler,
     topic_matches,
     unroutable_headers,
@@ -99,6 +102,35 @@ class InProcessBroker:
                 if run_handler(handler, delivery) is Disposition.RETRY:
                     delivery.redelivered = True
                     self._stop.wait(RETRY_PAUSE_S)
+                    q.put(delivery)
+
+        thread = threading.Thread(target=run, name=f"consume-{queue_name}", daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    def consume_batches(self, queue_name: str, handler: BatchHandler, *,
+                        max_batch: int) -> None:
+        """Like :meth:`consume`; the handler gets what is queued, up to ``max_batch``."""
+        q = self.queues[queue_name]
+
+        def run() -> None:
+            while not self._stop.is_set():
+                try:
+                    batch = [q.get(timeout=0.2)]
+                except queue.Empty:
+                    continue
+                while len(batch) < max_batch:
+                    try:
+                        batch.append(q.get_nowait())
+                    except queue.Empty:
+                        break
+                outcomes = run_batch_handler(handler, batch)
+                retry = [d for d, o in zip(batch, outcomes, strict=True)
+                         if o is Disposition.RETRY]
+                if retry:
+                    self._stop.wait(RETRY_PAUSE_S)
+                for delivery in retry:
+                    delivery.redelivered = True
                     q.put(delivery)
 
         thread = threading.Thread(target=run, name=f"consume-{queue_name}", daemon=True)

@@ -107,6 +107,10 @@ def unloadable(generation_id: str, exc: Exception, row: Any) -> UnloadableSaga:
 # Hot-path statements are built once; each execution only binds parameters.
 _GET = select(generations).where(generations.c.id == bindparam("gid"))
 _GET_FOR_UPDATE = _GET.with_for_update()
+# A batch of results locks its sagas in one statement, in id order (no crosswise waits).
+_GET_MANY = (select(generations).where(generations.c.id.in_(bindparam("gids", expanding=True)))
+             .order_by(generations.c.id))
+_GET_MANY_FOR_UPDATE = _GET_MANY.with_for_update()
 _INSERT_GENERATION = insert(generations)
 _SAVE = (update(generations)
          .where(generations.c.id == bindparam("gid"),
@@ -144,6 +148,19 @@ class SqlGenerations:
             return saga_from_row(row)
         except _LOAD_ERRORS as exc:
             raise unloadable(generation_id, exc, row) from exc
+
+    def get_many(self, generation_ids: list[str], *, for_update: bool = False
+                 ) -> dict[str, Generation]:
+        if self.writes is not None:
+            self.writes.flush()
+        found: dict[str, Generation] = {}
+        for row in self.conn.execute(_GET_MANY_FOR_UPDATE if for_update else _GET_MANY,
+                                     {"gids": sorted(set(generation_ids))}):
+            try:
+                found[row.id] = saga_from_row(row)
+            except _LOAD_ERRORS as exc:
+                raise UnloadableSaga(row.id, f"{type(exc).__name__}: {exc}") from exc
+        return found
 
     def add(self, saga: Generation) -> None:
         if self.writes is not None:
@@ -294,6 +311,22 @@ class SqlInbox:
         return insert_ignore(self.conn, inbox, {"job_id": job_id, "event_type": event_type,
                                                 "generation_id": generation_id,
                                                 "received_at": at})
+
+    def add_many(self, keys: list[tuple[str, str, str]], at: datetime) -> set[tuple[str, str]]:
+        """PostgreSQL: one multi-row ``INSERT … ON CONFLICT DO NOTHING RETURNING``."""
+        unique = list({(job, event): gid for job, event, gid in keys}.items())
+        if not unique:
+            return set()
+        if self.conn.dialect.name != "postgresql":
+            return {key for key, gid in unique if self.add(key[0], key[1], gid, at)}
+        params: list[Any] = []
+        for (job, event), gid in unique:
+            params += [job, event, gid, at]
+        rows = self.conn.exec_driver_sql(
+            "INSERT INTO inbox (job_id, event_type, generation_id, received_at) VALUES "
+            + ", ".join(["(%s, %s, %s, %s)"] * len(unique))
+            + " ON CONFLICT DO NOTHING RETURNING job_id, event_type", tuple(params))
+        return {(row[0], row[1]) for row in rows}
 
 
 _GET_KEY = select(idempotency_keys).where(idempotency_keys.c.scope == bindparam("scope"),

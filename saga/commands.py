@@ -60,6 +60,17 @@ class ApplyResult:
 
 
 @dataclass(frozen=True)
+class ApplyResults:
+    """Results applied together in one transaction (the result consumer's group commit).
+
+    All of them commit or none does; a batch that raises is applied again one
+    :class:`ApplyResult` at a time by the consumer, so one bad result stays on its own.
+    """
+
+    results: tuple[ApplyResult, ...]
+
+
+@dataclass(frozen=True)
 class SetPlan:
     user_id: str
     plan: str

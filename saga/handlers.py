@@ -19,6 +19,7 @@ from saga import intents as it
 from saga import triggers as tg
 from saga.commands import (
     ApplyResult,
+    ApplyResults,
     Cancel,
     FireDeadlines,
     Grant,
@@ -226,22 +227,72 @@ def _apply_result_once(ctx: Context, cmd: ApplyResult) -> str:
         saga = uow.generations.get(cmd.generation_id, for_update=True)
         if saga is None:
             return UNKNOWN_GENERATION
-        saga.pending.append(it.HistoryEntry(kind="message_in", actor="n8n",
-                                            detail=_result_detail(cmd)))
         unsafe = unsafe_result(cmd, allow_http=ctx.config.allow_http_assets)
-        if unsafe is not None:
-            outcome = UNSAFE_RESULT
-            saga.reject("n8n", UNSAFE_RESULT, event_type=cmd.event_type, job_id=cmd.job_id,
-                        state=saga.state, **unsafe)
-            apply_intents(ctx, uow, saga, saga.take_pending(), now)
-        elif cmd.event_type == "AIGenerationProgress":
-            outcome = _progress(saga, cmd)
-            apply_intents(ctx, uow, saga, saga.take_pending(), now)
-        else:
-            outcome = _result(ctx, uow, saga, cmd, now)
+        outcome = _apply_loaded(ctx, uow, saga, cmd, now, unsafe)
         uow.commit()
     ctx.observer.count("results", event_type=cmd.event_type, outcome=outcome)
     return outcome
+
+
+def _apply_loaded(ctx: Context, uow: UnitOfWork, saga: Generation, cmd: ApplyResult,
+                  now: datetime, unsafe: dict[str, str] | None,
+                  fresh: bool | None = None) -> str:
+    """Apply ``cmd`` to its locked saga in ``uow`` (not committed). ``fresh``: the inbox's
+    answer when the caller already recorded the dedup key (a batch does that in one go)."""
+    saga.pending.append(it.HistoryEntry(kind="message_in", actor="n8n",
+                                        detail=_result_detail(cmd)))
+    if unsafe is not None:
+        saga.reject("n8n", UNSAFE_RESULT, event_type=cmd.event_type, job_id=cmd.job_id,
+                    state=saga.state, **unsafe)
+        apply_intents(ctx, uow, saga, saga.take_pending(), now)
+        return UNSAFE_RESULT
+    if cmd.event_type == "AIGenerationProgress":
+        outcome = _progress(saga, cmd)
+        apply_intents(ctx, uow, saga, saga.take_pending(), now)
+        return outcome
+    return _result(ctx, uow, saga, cmd, now, fresh)
+
+
+def apply_results(ctx: Context, cmd: ApplyResults,
+                  idem: IdempotencyRecord | None = None) -> list[str]:
+    """Apply a batch of results in one unit of work: one outcome per result, in order.
+
+    The sagas are locked in one statement, the dedup keys recorded in one, their rows
+    written together at the commit; each result goes through exactly the steps
+    :func:`apply_result` takes. Anything that raises rolls the whole batch back (the
+    consumer then applies the results one by one, so a bad one stays on its own).
+    """
+    return ctx.retrying(lambda: _apply_results_once(ctx, cmd.results))
+
+
+def _apply_results_once(ctx: Context, results: tuple[ApplyResult, ...]) -> list[str]:
+    now = ctx.clock()
+    outcomes = [UNKNOWN_GENERATION] * len(results)
+    with ctx.uow_factory() as uow:
+        sagas = uow.generations.get_many([r.generation_id for r in results], for_update=True)
+        unsafe = [unsafe_result(r, allow_http=ctx.config.allow_http_assets) for r in results]
+        deduplicated = [i for i, r in enumerate(results)
+                        if r.generation_id in sagas and unsafe[i] is None
+                        and r.event_type in _RESULT_TRIGGERS]
+        new_keys = uow.inbox.add_many(
+            [(results[i].job_id, results[i].event_type, results[i].generation_id)
+             for i in deduplicated], now)
+        # Credit moves take account rows in user order: two batches never wait crosswise.
+        # The sort is stable, so one saga's results keep their order.
+        known = sorted((i for i, r in enumerate(results) if r.generation_id in sagas),
+                       key=lambda i: sagas[results[i].generation_id].user_id)
+        for i in known:
+            cmd = results[i]
+            fresh: bool | None = None
+            if cmd.event_type in _RESULT_TRIGGERS and unsafe[i] is None:
+                fresh = (cmd.job_id, cmd.event_type) in new_keys
+                new_keys.discard((cmd.job_id, cmd.event_type))  # a repeat in the batch: dup
+            outcomes[i] = _apply_loaded(ctx, uow, sagas[cmd.generation_id], cmd, now,
+                                        unsafe[i], fresh)
+        uow.commit()
+    for i in known:
+        ctx.observer.count("results", event_type=results[i].event_type, outcome=outcomes[i])
+    return outcomes
 
 
 def _progress(saga: Generation, cmd: ApplyResult) -> str:
@@ -265,10 +316,12 @@ def _result_payload(cmd: ApplyResult, attempt: int) -> tg.Trigger:
 
 
 def _result(ctx: Context, uow: UnitOfWork, saga: Generation, cmd: ApplyResult,
-            now: datetime) -> str:
+            now: datetime, fresh: bool | None = None) -> str:
     trigger = _RESULT_TRIGGERS[cmd.event_type]
     reason: str | None = None
-    if not uow.inbox.add(cmd.job_id, cmd.event_type, saga.id, now):
+    if fresh is None:
+        fresh = uow.inbox.add(cmd.job_id, cmd.event_type, saga.id, now)
+    if not fresh:
         reason = "duplicate"
     elif trigger not in MACHINE.get_triggers(saga.state) or saga.state == "compensating":
         reason = "wrong_state"

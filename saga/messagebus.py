@@ -30,6 +30,7 @@ HANDLERS: dict[type[Any], Handler] = {
     c.SetPlan: handlers.set_plan,
     c.Grant: handlers.grant,
     c.ApplyResult: handlers.apply_result,
+    c.ApplyResults: handlers.apply_results,
     c.FireDeadlines: handlers.fire_deadlines,
     c.StoreResponse: handlers.store_response,
     # support actions, dead letters

@@ -47,6 +47,12 @@ class HoldRequest:
 class GenerationRepository(Protocol):
     def get(self, generation_id: str, *, for_update: bool = False) -> Generation | None: ...
 
+    def get_many(self, generation_ids: list[str], *, for_update: bool = False
+                 ) -> dict[str, Generation]:
+        """The sagas of these ids that exist, locked in one statement (in id order, so two
+        batches never wait on each other crosswise); raise ``UnloadableSaga`` for a row that
+        does not load."""
+
     def add(self, saga: Generation) -> None: ...
 
     def save(self, saga: Generation) -> None:
@@ -89,6 +95,10 @@ class Outbox(Protocol):
 class Inbox(Protocol):
     def add(self, job_id: str, event_type: str, generation_id: str, at: datetime) -> bool:
         """Record a result's dedup key; False if it was already there."""
+
+    def add_many(self, keys: list[tuple[str, str, str]], at: datetime) -> set[tuple[str, str]]:
+        """Record (job id, event type, generation id) keys at once; the (job id, event type)
+        pairs that were new."""
 
 
 class Billing(Protocol):

@@ -7,7 +7,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from messaging.broker import ORIGINAL_ROUTING_KEY, Delivery, Disposition
+from messaging.broker import ORIGINAL_ROUTING_KEY, BatchHandler, Delivery, Disposition
 from messaging.rabbitmq.connection import declare
 from messaging.rabbitmq.consumer import QueueConsumer
 from messaging.rabbitmq.publisher import AsyncPublisher, properties
@@ -64,6 +64,12 @@ class RabbitBroker:
     def consume(self, queue: str, handler: Callable[[Delivery], Disposition]) -> None:
         consumer = QueueConsumer(self.url, queue, handler, prefetch=self.prefetch,
                                  workers=self.workers, retry=self.retry)
+        consumer.start()
+        self.consumers.append(consumer)
+
+    def consume_batches(self, queue: str, handler: BatchHandler, *, max_batch: int) -> None:
+        consumer = QueueConsumer(self.url, queue, prefetch=self.prefetch, workers=self.workers,
+                                 retry=self.retry, batch_handler=handler, max_batch=max_batch)
         consumer.start()
         self.consumers.append(consumer)
 

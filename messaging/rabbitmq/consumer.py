@@ -1,8 +1,12 @@
 """The consumer: a ``BlockingConnection`` per queue that only receives and settles.
 
-The work (a database transaction) runs on a small pool of worker threads, which hand the
-ack back to the I/O thread with ``add_callback_threadsafe``, so heartbeats are never
-starved. What a handler's outcome means is decided once, in :func:`messaging.broker.run_handler`.
+The work (a database transaction) runs on worker threads, which hand the acks back to the
+I/O thread with ``add_callback_threadsafe``, so heartbeats are never starved. The I/O thread
+hands over what one read of the socket brought (one queue put, not one per message); a
+worker takes what is ready, up to ``max_batch``, without waiting for more, and settles the
+whole batch with one callback once its handler returned (after the commit). What a
+handler's outcome means is decided once, in :func:`messaging.broker.run_handler` /
+:func:`~messaging.broker.run_batch_handler`.
 """
 
 from __future__ import annotations
@@ -22,8 +26,10 @@ from pika.spec import Basic, BasicProperties
 from messaging.broker import (
     ORIGINAL_ROUTING_KEY,
     RETRY_PAUSE_S,
+    BatchHandler,
     Delivery,
     Disposition,
+    run_batch_handler,
     run_handler,
 )
 from messaging.rabbitmq.connection import Reconnecting, declare_topology
@@ -32,18 +38,36 @@ from saga.retry import RetryPolicy
 log = logging.getLogger(__name__)
 
 
-class QueueConsumer:
-    """Consumes one queue; ``handler`` runs on a worker pool, acks go back to the I/O thread."""
+# (connection, channel, delivery tag, delivery): a delivery and where to settle it.
+Item = tuple[Any, Any, int, Delivery]
 
-    def __init__(self, url: str, queue_name: str, handler: Callable[[Delivery], Disposition],
-                 *, prefetch: int, workers: int, retry: RetryPolicy | None = None) -> None:
+
+class QueueConsumer:
+    """Consumes one queue; the handler runs on worker threads, acks go back to the I/O thread.
+
+    ``handler`` takes one delivery; ``batch_handler`` (with ``max_batch``) takes the
+    deliveries that are ready and answers one disposition for each.
+    """
+
+    def __init__(self, url: str, queue_name: str,
+                 handler: Callable[[Delivery], Disposition] | None = None,
+                 *, prefetch: int, workers: int, retry: RetryPolicy | None = None,
+                 batch_handler: BatchHandler | None = None, max_batch: int = 1) -> None:
+        if batch_handler is None:
+            if handler is None:
+                raise TypeError("a handler or a batch_handler is needed")
+            one = handler
+            batch_handler = lambda deliveries: [run_handler(one, d) for d in deliveries]  # noqa: E731
         self.params = pika.URLParameters(url)
         self.queue = queue_name
-        self.handler = handler
+        self.handler = batch_handler
+        self.max_batch = max(1, max_batch)
         self.prefetch = prefetch
         # A plain queue feeding fixed worker threads: ThreadPoolExecutor.submit re-checks its
         # idle threads on every call, which costs the I/O thread more than the hand-off itself.
-        self.work: queue.SimpleQueue[tuple[Any, ...] | None] = queue.SimpleQueue()
+        # Each item is what one read of the socket brought, in chunks of at most max_batch.
+        self.work: queue.SimpleQueue[list[Item] | None] = queue.SimpleQueue()
+        self._arrived: list[Item] = []  # the I/O thread's, until handed over
         self.workers = [threading.Thread(target=self._worker, name=f"work-{queue_name}-{n}",
                                          daemon=True) for n in range(workers)]
         self.connected = threading.Event()
@@ -55,8 +79,29 @@ class QueueConsumer:
         self._loop.start()
 
     def _worker(self) -> None:
-        while (item := self.work.get()) is not None:
-            self._work(*item)
+        carry: list[Item] = []
+        while True:
+            if carry:
+                batch, carry = carry, []
+            else:
+                item = self.work.get()
+                if item is None:
+                    return
+                batch = item
+            # Whatever else is ready joins the batch; nothing waits for more to arrive.
+            while len(batch) < self.max_batch:
+                try:
+                    more = self.work.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    self.work.put(None)  # stop after this batch
+                    break
+                room = self.max_batch - len(batch)
+                batch, carry = batch + more[:room], more[room:]
+                if carry:
+                    break
+            self._work_batch(batch)
 
     def _session(self) -> None:
         conn: pika.BlockingConnection | None = None
@@ -71,7 +116,10 @@ class QueueConsumer:
             log.info("consuming %s", self.queue)
             while not self._loop.stopping.is_set():
                 conn.process_data_events(time_limit=0.5)
+                if self._arrived:
+                    self._hand_over()
         finally:
+            self._arrived = []  # unsettled: the broker redelivers them
             self.connected.clear()
             if conn is not None and conn.is_open:
                 with contextlib.suppress(Exception):
@@ -85,26 +133,30 @@ class QueueConsumer:
         delivery = Delivery(body, key if isinstance(key, str) else method.routing_key,
                             props.message_id, headers, bool(method.redelivered),
                             queue=self.queue)
-        self.work.put((conn, channel, method.delivery_tag, delivery))
+        self._arrived.append((conn, channel, method.delivery_tag, delivery))
+
+    def _hand_over(self) -> None:
+        arrived, self._arrived = self._arrived, []
+        for n in range(0, len(arrived), self.max_batch):
+            self.work.put(arrived[n:n + self.max_batch])
 
     def _work(self, conn: pika.BlockingConnection, channel: BlockingChannel, tag: int,
               delivery: Delivery) -> None:
-        outcome = run_handler(self.handler, delivery)
-        if outcome is Disposition.RETRY:
+        self._work_batch([(conn, channel, tag, delivery)])
+
+    def _work_batch(self, batch: list[Item]) -> None:
+        outcomes = run_batch_handler(self.handler, [item[3] for item in batch])
+        if Disposition.RETRY in outcomes:
             self._loop.stopping.wait(RETRY_PAUSE_S)  # don't spin while the database is down
-
-        def settle() -> None:
-            if not channel.is_open:
-                return  # the broker redelivers it on the next connection
-            if outcome is Disposition.ACK:
-                channel.basic_ack(tag)
-            else:
-                channel.basic_nack(tag, requeue=True)
-
-        try:
-            conn.add_callback_threadsafe(settle)
-        except Exception:
-            log.debug("connection gone before settling delivery %s", tag)
+        # One settle callback per connection (a batch may span a reconnect).
+        by_conn: dict[int, tuple[Any, list[tuple[Any, int, Disposition]]]] = {}
+        for (conn, channel, tag, _), outcome in zip(batch, outcomes, strict=True):
+            by_conn.setdefault(id(conn), (conn, []))[1].append((channel, tag, outcome))
+        for conn, settles in by_conn.values():
+            try:
+                conn.add_callback_threadsafe(functools.partial(_settle, settles))
+            except Exception:
+                log.debug("connection gone before settling %d deliveries", len(settles))
 
     def stop(self) -> None:
         self._loop.stop()
@@ -113,3 +165,14 @@ class QueueConsumer:
             self.work.put(None)
         for worker in self.workers:
             worker.join(timeout=5)
+
+
+def _settle(settles: list[tuple[Any, int, Disposition]]) -> None:
+    """On the I/O thread: ack what is done, hand back what must be retried."""
+    for channel, tag, outcome in settles:
+        if not channel.is_open:
+            continue  # the broker redelivers it on the next connection
+        if outcome is Disposition.ACK:
+            channel.basic_ack(tag)
+        else:
+            channel.basic_nack(tag, requeue=True)

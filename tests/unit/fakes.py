@@ -55,6 +55,11 @@ class FakeGenerations:
         saga = self.store.sagas.get(generation_id)
         return copy.deepcopy(saga) if saga else None
 
+    def get_many(self, generation_ids: list[str], *, for_update: bool = False
+                 ) -> dict[str, Generation]:
+        return {gid: copy.deepcopy(self.store.sagas[gid])
+                for gid in sorted(set(generation_ids)) if gid in self.store.sagas}
+
     def add(self, saga: Generation) -> None:
         saga.version = 0
         self.store.sagas[saga.id] = copy.deepcopy(saga)
@@ -161,6 +166,9 @@ class FakeInbox:
             return False
         self.store.inbox.add(key)
         return True
+
+    def add_many(self, keys: list[tuple[str, str, str]], at: datetime) -> set[tuple[str, str]]:
+        return {(job, event) for job, event, gid in keys if self.add(job, event, gid, at)}
 
 
 class FakeBilling:
