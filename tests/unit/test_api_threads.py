@@ -6,6 +6,7 @@ import asyncio
 import contextvars
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 from fastapi.testclient import TestClient
 
@@ -25,7 +26,10 @@ def test_blocking_runs_on_the_installed_pool_with_the_callers_context() -> None:
         TRACE.set("trace-1")  # the trace context of the request, say
         return list(await asyncio.gather(*(blocking(where, n) for n in range(20))))
 
-    results = asyncio.run(main())
+    # A loop of its own in a thread of its own: in the whole suite, the browser tests' sync
+    # Playwright keeps an event loop running in the main thread, where asyncio.run refuses.
+    with ThreadPoolExecutor(1) as runner:
+        results = runner.submit(asyncio.run, main()).result()
     assert [r[2] for r in results] == list(range(1, 21))
     assert {r[1] for r in results} == {"trace-1"}
     names = {r[0] for r in results}
