@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
@@ -117,6 +117,15 @@ class Billing(Protocol):
         """Reach the backend before the transaction commits (external billing only).
 
         Raises ``BillingUnavailable`` when it does not answer; the built-in ledger does nothing.
+        """
+
+    def commit_sent(self, hold_ids: Collection[str]) -> set[str]:
+        """Those of ``hold_ids`` whose commit was sent to the backend but not yet settled here.
+
+        External billing commits remotely before our transaction commits; a process that dies
+        in between leaves the hold open here although the backend committed it. Such a hold
+        must never be released (the result that committed it is redelivered). The built-in
+        ledger settles inside the transaction, so it always answers an empty set.
         """
 
     def settle(self, hold_id: str, *, commit: bool, at: datetime) -> bool:

@@ -9,7 +9,7 @@ as copies too, so the optimistic version check behaves as the SQL repository's d
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
@@ -44,6 +44,8 @@ class FakeStore:
     responses: dict[tuple[str, str], tuple[str, int, Any]] = field(default_factory=dict)
     commits: int = 0
     fire_failures: dict[str, int] = field(default_factory=dict)
+    # Holds whose commit went to an (imagined) external backend, our transaction lost.
+    commits_sent: set[str] = field(default_factory=set)
 
 
 class FakeGenerations:
@@ -207,6 +209,9 @@ class FakeBilling:
 
     def abandon(self) -> None:
         return None
+
+    def commit_sent(self, hold_ids: Collection[str]) -> set[str]:
+        return set(hold_ids) & self.store.commits_sent
 
     def set_plan(self, user_id: str, plan: str, at: datetime) -> Account:
         old = self.store.accounts.get(user_id) or Account(user_id, plan, Decimal("0"),
