@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Collection
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal, InvalidOperation
-from collections.abc import Collection
 from typing import Any
 
 import httpx
@@ -241,7 +241,7 @@ class ExternalBilling:
 
     def settle(self, hold_id: str, *, commit: bool, at: datetime) -> bool:
         settled = close_hold(self.conn, hold_id, commit=commit, at=at) is not None
-        if commit and self.durable:  # settled here, in the same transaction: no longer in flight
+        if self.durable:  # settled here, in the same transaction: no commit in flight any more
             self.conn.execute(delete(billing_commits_sent)
                               .where(billing_commits_sent.c.hold_id == hold_id))
         return settled

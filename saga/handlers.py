@@ -31,6 +31,7 @@ from saga.commands import (
 )
 from saga.effects import Context, apply_intents, park, transition
 from saga.errors import (
+    CommitInFlight,
     ConcurrencyConflict,
     DomainError,
     GenerationUnreadable,
@@ -417,6 +418,10 @@ def _fire_one_due(ctx: Context) -> bool:
                                     generation_id=saga.id, timer=due_kind):
                 try:
                     fired = transition(ctx, uow, saga, _timer_payload(saga), "timer", now)
+                except CommitInFlight as exc:  # before InvalidState: it is one
+                    _await_sent_commit(ctx, uow, saga.id, kind, exc, now)
+                    uow.commit()
+                    return True
                 except InvalidState:
                     fired = False
                 if not fired:
@@ -434,6 +439,25 @@ def _fire_one_due(ctx: Context) -> bool:
             raise  # could not even claim (database down): the sweeper backs off
         _fire_failed(ctx, claimed, kind, exc, now)
         return True
+
+
+def _await_sent_commit(ctx: Context, uow: UnitOfWork, generation_id: str, kind: str,
+                       exc: CommitInFlight, now: datetime) -> None:
+    """The deadline would release a hold whose commit was sent to billing (our transaction
+    that settled it was lost): it yields to that result, which is redelivered, and fires
+    again after the retry policy's backoff. Past the budget the saga is parked — its hold
+    left open, never released (billing may have committed it)."""
+    holds = ", ".join(exc.hold_ids)
+    failures = uow.generations.fire_failed(
+        generation_id, lambda n: now + ctx.retry.delay_td(n),
+        note={"deadline_deferred": kind, "reason": "commit_sent_to_billing", "hold_id": holds},
+        at=now)
+    ctx.observer.count("deadlines_deferred", reason="commit_in_flight")
+    if not ctx.retry.allows(failures):
+        park(ctx, uow, generation_id, kind,
+             f"a commit of hold {holds} was sent to billing and its result never came back "
+             f"(deadline deferred {failures} times); the hold is not released: find out "
+             "from billing whether it was committed", now, cause="commit_in_flight")
 
 
 __all__ = ["APPLIED", "UNKNOWN_GENERATION", "UNSAFE_RESULT", "idempotent", "unsafe_result"]

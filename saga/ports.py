@@ -68,8 +68,10 @@ class GenerationRepository(Protocol):
     def park(self, generation_id: str, kind: str, reason: str, now: datetime) -> bool:
         """Set ``attention`` and add a ``note``; False if unknown or already parked."""
 
-    def fire_failed(self, generation_id: str, retry_at: Callable[[int], datetime]) -> int:
-        """Count a failed firing, move ``due_at`` to ``retry_at(count)``; the count."""
+    def fire_failed(self, generation_id: str, retry_at: Callable[[int], datetime],
+                    note: dict[str, Any] | None = None, at: datetime | None = None) -> int:
+        """Count a failed firing, move ``due_at`` to ``retry_at(count)``; the count. ``note``:
+        the detail of a ``note`` history row to add at ``at`` (with ``attempt``: the count)."""
 
     def unpark(self, generation_id: str, now: datetime, *, actor: str, reason: str,
                due_now: bool, note: dict[str, Any] | None = None) -> bool | None:

@@ -93,11 +93,15 @@ class FakeGenerations:
         self._note(saga, "system", {"parked": True, "kind": kind, "reason": reason})
         return True
 
-    def fire_failed(self, generation_id: str, retry_at: Callable[[int], datetime]) -> int:
+    def fire_failed(self, generation_id: str, retry_at: Callable[[int], datetime],
+                    note: dict[str, Any] | None = None, at: datetime | None = None) -> int:
         saga = self.store.sagas[generation_id]
         self.fire_failures[generation_id] = self.fire_failures.get(generation_id, 0) + 1
         saga.due_at = retry_at(self.fire_failures[generation_id])
         saga.version += 1
+        if note is not None:
+            self._note(saga, "system", {**note, "attempt": self.fire_failures[generation_id]})
+            saga.version -= 1  # _note bumps it too
         return self.fire_failures[generation_id]
 
     def unpark(self, generation_id: str, now: datetime, *, actor: str, reason: str,
