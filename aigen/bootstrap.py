@@ -76,6 +76,7 @@ class Runtime:
         self.relay.stop()
         if self.demo_worker:
             self.demo_worker.stop()
+        self.consumer.stop()  # retries still waiting stay unacked: the broker redelivers them
         self.broker.stop()
         self.engine.dispose()
         telemetry.shutdown()  # flushes the last spans (a no-op when tracing is off)
@@ -135,11 +136,15 @@ def build(settings: Settings, *, broker: Broker | None = None, run_migrations: b
 
     bus = MessageBus(uow_factory, settings.saga_config(), observer=observer, retry=retry,
                      tracer=telemetry)
-    consumer = ResultConsumer(bus, broker, observer, retry, tracer=telemetry)
+    # A result waiting for its retry holds a prefetch slot: half the window at most.
+    consumer = ResultConsumer(bus, broker, observer, retry, tracer=telemetry,
+                              max_deferred=max(1, settings.consumer_prefetch // 2))
     sweeper = Sweeper(bus, engine, settings.sweeper_interval_s, reap, retry,
                       reap_every_s=min(REAP_EVERY_S, settings.billing_pending_grace_s))
     observer.gauge("aigen_outbox_backlog", "Outbox rows not yet confirmed by the broker",
                    store.backlog)
+    observer.gauge("aigen_result_retries_waiting",
+                   "Results waiting (unacked) for their retry's backoff", consumer.waiting)
 
     def database_ready() -> bool:
         with engine.connect() as conn:

@@ -34,6 +34,7 @@ from api.routes import accounts, attention, generations, operations
 from api.routes import dead_letters as dead_letters_routes
 from api.routes import support as support_routes
 from api.routes.support_views import support_views_router
+from api.threads import install_worker_pool
 from saga.errors import BillingRefused, BillingUnavailable
 from saga.input_policy import check_request_head
 
@@ -56,7 +57,10 @@ def create_app(deps: ApiDeps) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         # Handlers block on the database; more threads than connections only adds GIL churn.
+        # Routes hand off through api.threads (the loop's default executor); AnyIO's pool is
+        # left to Starlette's own few uses (static files), bounded the same.
         to_thread.current_default_thread_limiter().total_tokens = deps.worker_threads
+        install_worker_pool(deps.worker_threads)
         yield
 
     app = FastAPI(title="aigen-orchestrator", version="0.1.0", lifespan=lifespan,
@@ -161,6 +165,10 @@ class _EdgeMiddleware:
     def __init__(self, app: ASGIApp, latency: Histogram) -> None:
         self.app = app
         self.latency = latency
+        # The histogram's children by (method, route, status): ``labels()`` validates and
+        # locks on every call. Bounded: the parser knows a fixed set of methods, the routes
+        # and statuses are ours.
+        self._children: dict[tuple[str, str, int], Any] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -175,7 +183,8 @@ class _EdgeMiddleware:
                                    {"Connection": "close"})(scope, receive, send)
             return
         path: str = scope["path"]
-        query = unquote_plus(scope.get("query_string", b"").decode("latin-1"))
+        raw_query: bytes = scope.get("query_string", b"")
+        query = unquote_plus(raw_query.decode("latin-1")) if raw_query else ""
         if "\x00" in path or "\x00" in query:
             instance = path.replace("\x00", "")
             if "\x00" in path and scope["method"] == "GET":  # no such resource can exist
@@ -198,6 +207,9 @@ class _EdgeMiddleware:
         try:
             await self.app(scope, receive, send_with_status)
         finally:
-            route = getattr(scope.get("route"), "path", "unmatched")
-            self.latency.labels(scope["method"], route, str(status)).observe(
-                time.perf_counter() - start)
+            elapsed = time.perf_counter() - start
+            key = (scope["method"], getattr(scope.get("route"), "path", "unmatched"), status)
+            child = self._children.get(key)
+            if child is None:
+                child = self._children[key] = self.latency.labels(key[0], key[1], str(status))
+            child.observe(elapsed)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 from urllib.parse import quote, urlsplit
 
-from starlette.concurrency import run_in_threadpool
+from api.threads import blocking
 
 S3_EXTRA_HINT = "pip install 'aigen-orchestrator[s3]'"
 AddressingStyle = Literal["path", "virtual"]
@@ -130,4 +130,4 @@ async def presigned(generations: list[dict[str, Any]],
     """:func:`with_download_urls` for route handlers: signing runs in the thread pool."""
     if links is None:
         return generations
-    return await run_in_threadpool(lambda: [links.add_to(g) for g in generations])
+    return await blocking(lambda: [links.add_to(g) for g in generations])

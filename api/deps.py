@@ -18,13 +18,19 @@ from fastapi import Depends, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CollectorRegistry
 from pydantic import BaseModel, ValidationError
-from starlette.concurrency import run_in_threadpool
 
 from api.asset_links import S3Links
 from api.problems import DOMAIN_STATUS, Problem, field_errors, problem_response, validation_problem
+from api.threads import blocking
 from saga.commands import StoreResponse
 from saga.errors import DomainError
-from saga.input_policy import JsonRefused, JsonTooDeep, body_hash, check_user_id, loads_bounded
+from saga.input_policy import (
+    JsonRefused,
+    JsonTooDeep,
+    check_user_id,
+    loads_bounded,
+    validated_body_hash,
+)
 from saga.inputs import find_nul
 from saga.ports import AlreadyAnswered, IdempotencyRace, IdempotencyRecord
 
@@ -74,7 +80,9 @@ class ApiDeps:
     asset_links: S3Links | None = None  # presigned download links for s3:// assets, if set
 
 
-def get_deps(request: Request) -> ApiDeps:
+# The dependencies below do no I/O, so they are ``async``: FastAPI runs a plain ``def``
+# dependency in the thread pool, a hand-off (and GIL churn) per dependency per request.
+async def get_deps(request: Request) -> ApiDeps:
     deps: ApiDeps = request.app.state.deps
     return deps
 
@@ -86,8 +94,7 @@ Deps = Annotated[ApiDeps, Depends(get_deps)]
 def require(*roles: str) -> Callable[[Request], Awaitable[str]]:
     """A dependency returning the caller's role; 401 without a valid key, 403 wrong role."""
 
-    # async: it does no I/O, so FastAPI runs it on the event loop instead of handing it to
-    # the thread pool (one thread hop per request, for the handler, not two).
+    # async, like every dependency here that does no I/O (see get_deps).
     async def dependency(request: Request) -> str:
         keys: list[tuple[bytes, str]] = request.app.state.api_keys
         scheme, _, key = request.headers.get("authorization", "").partition(" ")
@@ -110,7 +117,7 @@ SupportRole = Annotated[str, Depends(require("support"))]
 AnyRole = Annotated[str, Depends(require("service", "support"))]
 
 
-def account_id(user_id: str) -> str:
+async def account_id(user_id: str) -> str:
     """The ``{user_id}`` path segment, checked (safe user id rule) before the body is read."""
     reason = check_user_id(user_id)
     if reason is not None:
@@ -123,7 +130,7 @@ IDEMPOTENCY_SCOPE_MAX = 320  # the width of idempotency_keys.scope
 GENERATION_ID_MAX = 36  # the width of generations.id: a longer id cannot exist
 
 
-def generation_id(generation_id: str) -> str:
+async def generation_id(generation_id: str) -> str:
     """The ``{generation_id}`` path segment: 404 for an id no generation can have, before
     the database is asked (or an idempotency scope longer than its column is written)."""
     if not 1 <= len(generation_id) <= GENERATION_ID_MAX:
@@ -190,9 +197,9 @@ def domain_problem(exc: DomainError) -> Problem:
 
 
 async def query(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """Run a blocking read in the thread pool; a domain refusal becomes its problem."""
+    """Run a blocking read in a worker thread; a domain refusal becomes its problem."""
     try:
-        return await run_in_threadpool(fn, *args, **kwargs)
+        return await blocking(fn, *args, **kwargs)
     except DomainError as exc:
         raise domain_problem(exc) from None
 
@@ -228,37 +235,46 @@ async def command(request: Request, deps: ApiDeps, role: str, body: BaseModel, s
 
     A key already answered replays the stored response (409 if the body differs); a refusal
     other than 422 is stored under the key too, so a retry gets the same answer.
+
+    One hand-off to a worker thread per request, whatever the outcome: the handler checks the
+    stored response inside the command's own transaction (``saga.handlers.idempotent``), and
+    the rarer follow-ups (storing a refusal, reading the winner of a race) run in the same
+    thread right after it.
     """
     idem = _idempotency(request, role, required=key_required)
     if idem is not None:
         # Canonical JSON (sorted keys): the same request with its keys reordered replays.
-        digest = body_hash(body.model_dump(mode="json"))
+        # Same digest as body_hash (a key stored before this release still matches).
+        digest = validated_body_hash(body.model_dump(mode="json"))
         idem = IdempotencyRecord(idem.scope, idem.key, digest)
-    bus, queries = deps.bus, deps.queries
+    return await blocking(_run_command, deps, cmd, idem, status, request.url.path)
 
-    async def stored_replay(record: IdempotencyRecord) -> Response:
-        stored = await run_in_threadpool(queries.stored_response, record)
+
+def _run_command(deps: ApiDeps, cmd: object, idem: IdempotencyRecord | None, status: int,
+                 path: str) -> Response:
+    """:func:`command`'s blocking part, in the worker thread."""
+    bus = deps.bus
+
+    def stored_replay(record: IdempotencyRecord) -> Response:
+        stored = deps.queries.stored_response(record)
         assert stored is not None
         return _replay(record, stored)
 
     try:
-        result = await run_in_threadpool(bus.handle, cmd, idem)
+        result = bus.handle(cmd, idem)
     except AlreadyAnswered as answered:
         assert idem is not None
         return _replay(idem, answered.stored)
     except IdempotencyRace:
         assert idem is not None
-        return await stored_replay(idem)
+        return stored_replay(idem)
     except DomainError as exc:
         problem = domain_problem(exc)
-        body_out = problem.body(request.url.path)
+        body_out = problem.body(path)
         if idem is not None and problem.status != 422:
             try:
-                await run_in_threadpool(bus.handle, StoreResponse(idem, problem.status,
-                                                                  body_out))
+                bus.handle(StoreResponse(idem, problem.status, body_out))
             except IdempotencyRace:
-                return await stored_replay(idem)
+                return stored_replay(idem)
         return problem_response(problem.status, body_out)
     return JSONResponse(result, status_code=status)
-
-

@@ -3,6 +3,8 @@
 :func:`run_handler` is the one place that decides what a handler's outcome means for a
 delivery (a handler that raises is a transient failure: the message goes back); both the
 RabbitMQ and the in-process adapter call it, and pause :data:`RETRY_PAUSE_S` after a retry.
+Both give every delivery a :class:`Settler` while a handler has it, so a handler may answer
+``Disposition.DEFERRED`` and settle it itself later (a result waiting for its retry).
 """
 
 from __future__ import annotations
@@ -70,11 +72,46 @@ class Delivery:
     headers: dict[str, Any] = field(default_factory=dict)
     redelivered: bool = False
     queue: str | None = None  # the queue it was consumed from
+    # Set by the consuming adapter while a handler has the delivery: settles it later, from
+    # any thread (see Disposition.DEFERRED). None for a delivery handed in by hand.
+    settle: Callable[[Disposition], None] | None = field(
+        default=None, repr=False, compare=False)
 
 
 class Disposition(Enum):
     ACK = "ack"  # done (applied, refused and recorded, or dead-lettered)
     RETRY = "retry"  # transient failure (database down): give it back to the broker
+    # The handler keeps the delivery unsettled and calls ``delivery.settle`` with ACK or
+    # RETRY itself later (a result waiting for its retry's backoff); until then it stays
+    # unacked, and if that never happens (stop, lost connection) the broker redelivers it.
+    DEFERRED = "deferred"
+
+
+class Settler:
+    """A delivery's settle hook (``Delivery.settle``): the adapter's ``action`` runs for the
+    first settle only — the worker's, or the handler's own later one after DEFERRED — so a
+    delivery is never acked twice (which would close the channel)."""
+
+    __slots__ = ("_action", "_token")
+
+    def __init__(self, action: Callable[[Disposition], None]) -> None:
+        self._action = action
+        self._token = [True]
+
+    def claim(self) -> bool:
+        """True the first time only (``list.pop`` is atomic: safe across threads)."""
+        try:
+            self._token.pop()
+        except IndexError:
+            return False
+        return True
+
+    def settled(self) -> bool:
+        return not self._token
+
+    def __call__(self, outcome: Disposition) -> None:
+        if self.claim():
+            self._action(outcome)
 
 
 # Takes the deliveries that are ready, returns one disposition per delivery, in order.

@@ -13,6 +13,15 @@ at worst repeats it, and the inbox drops the repeat). The count travels with the
 it survives restarts and redelivery to other consumers. A *permanent* failure (billing
 refused, a saga row that does not load, a bug) or an exhausted budget dead-letters the message
 once with ``x-rejection-reason`` and parks its saga (``attention`` kind ``result``).
+
+The backoff never occupies a worker: the handler answers ``Disposition.DEFERRED`` and the
+delivery stays unacked while a timer (:class:`messaging.deferred.Later`, one thread) waits;
+the timer's job republishes it and only then settles it through ``delivery.settle`` — ACK
+once the copy is confirmed, RETRY (handed back unchanged) if the broker refused the copy. The
+worker goes straight on, so one result billing answers 503 for does not hold up the others.
+At most ``max_deferred`` (half the prefetch) wait at once; see :mod:`messaging.deferred`.
+:meth:`ResultConsumer.stop` leaves the ones still waiting unacked: the broker redelivers them.
+A delivery handed in by hand (no ``settle``: tests, tools) waits in the call, as before.
 """
 
 from __future__ import annotations
@@ -20,12 +29,13 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from pydantic import TypeAdapter, ValidationError
 
 from messaging.broker import ATTEMPTS_HEADER, Broker, Delivery, Disposition, run_handler
+from messaging.deferred import Later
 from messaging.schemas import Result
 from saga.commands import ApplyResult, ApplyResults, Park
 from saga.failures import FAILURE_LOG
@@ -41,8 +51,9 @@ from saga.tracing import NullTracer, Tracer
 log = logging.getLogger(__name__)
 MAX_RESULT_BYTES = 256 * 1024
 MAX_RESULT_DEPTH = 32
-# A worker sleeps through a result's backoff; past this it would hold up healthy results.
-MAX_REDELIVERY_PAUSE_S = 5.0
+# Results waiting for their retry at once, each holding a prefetch slot (bootstrap: half the
+# prefetch). Beyond it a new transient failure waits for the earliest retry to go out.
+MAX_DEFERRED = 100
 _RESULT = TypeAdapter(Result)
 
 
@@ -59,13 +70,23 @@ def attempts_of(delivery: Delivery) -> int:
 
 class ResultConsumer:
     def __init__(self, bus: MessageBus, broker: Broker, observer: Observer,
-                 retry: RetryPolicy | None = None, tracer: Tracer | None = None) -> None:
+                 retry: RetryPolicy | None = None, tracer: Tracer | None = None,
+                 *, max_deferred: int = MAX_DEFERRED) -> None:
         self.bus = bus
         self.broker = broker
         self.observer = observer
         self.tracer: Tracer = tracer or NullTracer()
-        policy = retry or bus.ctx.retry
-        self.retry = policy.limited(cap=min(policy.cap, MAX_REDELIVERY_PAUSE_S))
+        self.retry = retry or bus.ctx.retry
+        self.later = Later("result-retries", limit=max_deferred)
+
+    def waiting(self) -> int:
+        """Results waiting for their retry (unacked), for the gauge."""
+        return self.later.pending()
+
+    def stop(self) -> None:
+        """Drop the retries still waiting: their deliveries stay unacked and the broker
+        redelivers them (call before the broker stops, so none is republished after)."""
+        self.later.stop()
 
     def handle(self, delivery: Delivery) -> Disposition:
         """Apply one delivery, in a CONSUMER span that continues the job's trace."""
@@ -154,14 +175,7 @@ class ResultConsumer:
         if cause == "transient" and self.retry.allows(attempt):
             FAILURE_LOG.failed("applying a result", f"{detail}; retry {attempt} of "
                                f"{self.retry.max_attempts}")
-            time.sleep(self.retry.delay(attempt))
-            try:
-                self.broker.redeliver(delivery, {ATTEMPTS_HEADER: attempt})
-            except Exception as pub_exc:  # broker trouble too: hand it back unchanged
-                FAILURE_LOG.failed("republishing a result", str(pub_exc))
-                return Disposition.RETRY
-            self.observer.count("result_redeliveries")
-            return Disposition.ACK
+            return self._redeliver_later(delivery, attempt)
         label = "permanent"
         if cause == "transient":
             label = "budget"
@@ -173,6 +187,33 @@ class ResultConsumer:
                 log.error("the failure behind it", exc_info=exc)
         self._park(cmd.generation_id, reason, label)
         self._dead_letter(delivery, reason)
+        return Disposition.ACK
+
+    def _redeliver_later(self, delivery: Delivery, attempt: int) -> Disposition:
+        delay = self.retry.delay(attempt)
+        settle = delivery.settle
+        if settle is None:  # handed in by hand: nobody could settle it later
+            time.sleep(delay)
+            return self._redeliver(delivery, attempt)
+        job = functools.partial(self._redeliver_deferred, delivery, attempt, settle)
+        if not self.later.call_later(delay, job):
+            log.debug("stopping: result %s left unacked for the broker to redeliver",
+                      delivery.message_id)
+        return Disposition.DEFERRED
+
+    def _redeliver_deferred(self, delivery: Delivery, attempt: int,
+                            settle: Callable[[Disposition], None]) -> None:
+        """On the timer's thread, once the backoff is over."""
+        settle(self._redeliver(delivery, attempt))
+
+    def _redeliver(self, delivery: Delivery, attempt: int) -> Disposition:
+        """Republish with the new count, confirmed: then the original may be acked."""
+        try:
+            self.broker.redeliver(delivery, {ATTEMPTS_HEADER: attempt})
+        except Exception as pub_exc:  # broker trouble too: hand it back unchanged
+            FAILURE_LOG.failed("republishing a result", str(pub_exc))
+            return Disposition.RETRY
+        self.observer.count("result_redeliveries")
         return Disposition.ACK
 
     def _park(self, generation_id: str, reason: str, cause: str) -> None:

@@ -2,7 +2,9 @@
 
 For the embedded default (one process, no server) and unit tests: topic routing, durable-ish
 FIFO queues, one consumer thread per queue (per message, or in batches of what is queued),
-dead-lettering into the DLQ.
+dead-lettering into the DLQ. A delivery a handler answered ``DEFERRED`` for is held, as
+RabbitMQ holds an unacked one, until the handler settles it (RETRY puts it back in its
+queue); :meth:`InProcessBroker.stop` puts the ones still held back, as a closed channel would.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from messaging.broker import (
     BatchHandler,
     Delivery,
     Disposition,
+    Settler,
     run_batch_handler,
     run_handler,
     topic_matches,
@@ -45,6 +48,9 @@ class InProcessBroker:
         self.published: list[OutboundMessage] = []  # what was sent, if keep_published
         self._threads: list[threading.Thread] = []
         self._stop = threading.Event()
+        # Deliveries a handler deferred and has not settled yet: (queue, delivery, settler).
+        self._held: dict[int, tuple[queue.Queue[Delivery], Delivery, Settler]] = {}
+        self._held_lock = threading.Lock()
         for name, _args, binds in QUEUES:
             self.declare_queue(name, binds)
 
@@ -88,7 +94,28 @@ class InProcessBroker:
         if delivery.queue is None:
             raise ValueError("a delivery without its queue cannot be redelivered")
         self.queues[delivery.queue].put(dataclasses.replace(
-            delivery, headers={**delivery.headers, **headers}, redelivered=False))
+            delivery, headers={**delivery.headers, **headers}, redelivered=False,
+            settle=None))
+
+    def _lend(self, q: queue.Queue[Delivery], delivery: Delivery) -> Settler:
+        """Give ``delivery`` a settle hook for its handler: RETRY puts it back in ``q``."""
+
+        def action(outcome: Disposition) -> None:
+            with self._held_lock:
+                self._held.pop(id(delivery), None)
+            if outcome is Disposition.RETRY:
+                delivery.redelivered = True
+                q.put(delivery)
+
+        settler = Settler(action)
+        delivery.settle = settler
+        return settler
+
+    def _hold(self, q: queue.Queue[Delivery], delivery: Delivery, settler: Settler) -> None:
+        """The handler deferred it: keep it until it is settled (or :meth:`stop`)."""
+        with self._held_lock:
+            if not settler.settled():  # a zero-delay retry may have settled it already
+                self._held[id(delivery)] = (q, delivery, settler)
 
     def consume(self, queue_name: str, handler: Callable[[Delivery], Disposition]) -> None:
         q = self.queues[queue_name]
@@ -99,7 +126,11 @@ class InProcessBroker:
                     delivery = q.get(timeout=0.2)
                 except queue.Empty:
                     continue
-                if run_handler(handler, delivery) is Disposition.RETRY:
+                settler = self._lend(q, delivery)
+                outcome = run_handler(handler, delivery)
+                if outcome is Disposition.DEFERRED:
+                    self._hold(q, delivery, settler)
+                elif settler.claim() and outcome is Disposition.RETRY:
                     delivery.redelivered = True
                     self._stop.wait(RETRY_PAUSE_S)
                     q.put(delivery)
@@ -124,9 +155,14 @@ class InProcessBroker:
                         batch.append(q.get_nowait())
                     except queue.Empty:
                         break
+                settlers = [self._lend(q, d) for d in batch]
                 outcomes = run_batch_handler(handler, batch)
-                retry = [d for d, o in zip(batch, outcomes, strict=True)
-                         if o is Disposition.RETRY]
+                retry = []
+                for d, o, settler in zip(batch, outcomes, settlers, strict=True):
+                    if o is Disposition.DEFERRED:
+                        self._hold(q, d, settler)
+                    elif settler.claim() and o is Disposition.RETRY:
+                        retry.append(d)
                 if retry:
                     self._stop.wait(RETRY_PAUSE_S)
                 for delivery in retry:
@@ -147,5 +183,11 @@ class InProcessBroker:
         self._stop.set()
         for thread in self._threads:
             thread.join(timeout=2)
+        with self._held_lock:
+            held, self._held = list(self._held.values()), {}
+        for q, delivery, settler in held:  # unacked at the close: back in the queue
+            if settler.claim():
+                delivery.redelivered = True
+                q.put(delivery)
 
     close = stop

@@ -14,7 +14,7 @@ The rules, in brief (``docs/input-rules.md`` states them for callers):
 * Money: :func:`parse_amount` / :func:`check_amount`.
 * HTTP request line and headers: :func:`check_request_head`.
 * JSON: :func:`json_depth_exceeds`, :func:`loads_bounded`, :func:`max_depth`,
-  :func:`canonical_json`, :func:`body_hash`.
+  :func:`canonical_json`, :func:`body_hash` (:func:`validated_body_hash`).
 
 URLs are interpreted the way the WHATWG URL standard does (browsers, curl's numeric-host
 handling and, above all, Node.js, which n8n runs on) by the ``ada-url`` parser, the same parser
@@ -586,6 +586,10 @@ def canonical_json(value: object, limit: int = JSON_MAX_DEPTH) -> bytes:
         raise JsonTooDeep(limit)
     if not _keys_are_strings(value):
         raise JsonInvalid("has an object key that is not a string")
+    return _canonical_bytes(value)
+
+
+def _canonical_bytes(value: object) -> bytes:
     try:
         text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
                           allow_nan=False)
@@ -610,3 +614,15 @@ def _keys_are_strings(value: object) -> bool:
 def body_hash(value: object, limit: int = JSON_MAX_DEPTH) -> str:
     """SHA-256 (hex) of :func:`canonical_json`: the same for any key order."""
     return hashlib.sha256(canonical_json(value, limit)).hexdigest()
+
+
+def validated_body_hash(value: object) -> str:
+    """:func:`body_hash` of a request body already validated: the same digest, minus two walks.
+
+    For ``model_dump(mode="json")`` of a model parsed from a body that passed
+    :func:`loads_bounded`: it is JSON data, nested no deeper than that body was (plus the
+    models' own shallow defaults), its keys field names or JSON object keys. So the depth and
+    key checks of :func:`canonical_json` cannot fail (they were about 8 % of the event loop's
+    samples in the bench's profile). Anything else goes through :func:`body_hash`.
+    """
+    return hashlib.sha256(_canonical_bytes(value)).hexdigest()

@@ -21,11 +21,11 @@ from urllib.parse import parse_qs, urlencode
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from jinja2 import Environment, PackageLoader, select_autoescape
-from starlette.concurrency import run_in_threadpool
 
 from api.console import actions, data
 from api.console.session import COOKIE, MAX_AGE_S, Session, Sessions
 from api.console.timeline import timeline
+from api.threads import blocking
 from saga.diagram import definition, render_svg, taken_from_history
 from saga.errors import DomainError, GenerationUnreadable, NotFound
 from saga.machine import STATES
@@ -123,7 +123,7 @@ def console_router(deps: Any) -> APIRouter:
                     message=exc.message)
 
     async def read(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        return await run_in_threadpool(fn, *args, **kwargs)
+        return await blocking(fn, *args, **kwargs)
 
     def guarded(handler: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(handler)

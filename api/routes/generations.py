@@ -88,7 +88,7 @@ async def cancel(role: ServiceRole, generation_id: GenerationId, request: Reques
     return await command(request, deps, role, body, 200, Cancel(generation_id, body.reason))
 
 
-def _cursor(cursor: str | None = None) -> Cursor | None:
+async def _cursor(cursor: str | None = None) -> Cursor | None:
     """The opaque ``cursor`` query parameter, decoded; 422 if this API did not make it."""
     if cursor is None:
         return None

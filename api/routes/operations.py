@@ -8,11 +8,11 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from starlette.concurrency import run_in_threadpool
 
 from api.deps import Deps
 from api.problems import Problem
 from api.schemas import Live, Ready
+from api.threads import blocking
 
 router = APIRouter(tags=["operations"])
 
@@ -30,7 +30,7 @@ async def ready(deps: Deps) -> Response:
     checks = {}
     for name, check in deps.readiness.items():
         try:
-            checks[name] = bool(await run_in_threadpool(check))
+            checks[name] = bool(await blocking(check))
         except Exception:
             checks[name] = False
     ok = all(checks.values())

@@ -11,11 +11,11 @@ from typing import Any
 
 from fastapi import APIRouter
 from fastapi.responses import Response
-from starlette.concurrency import run_in_threadpool
 
 from api.console import data
 from api.deps import AnyRole, SupportRole
 from api.problems import Problem
+from api.threads import blocking
 from saga.diagram import definition, render_svg, taken_from_history
 from saga.errors import NotFound
 
@@ -45,7 +45,7 @@ def support_views_router(deps: Any) -> APIRouter:
         """The machine as SVG; the saga's current state has ``aria-current="step"`` and the
         states and transitions its history went through have the class ``taken``."""
         try:
-            history = await run_in_threadpool(data.history, deps.queries, generation_id)
+            history = await blocking(data.history, deps.queries, generation_id)
         except NotFound as exc:
             raise Problem(404, "not_found", exc.message) from None
         svg = render_svg(machine, current=history["state"],

@@ -6,7 +6,10 @@ hands over what one read of the socket brought (one queue put, not one per messa
 worker takes what is ready, up to ``max_batch``, without waiting for more, and settles the
 whole batch with one callback once its handler returned (after the commit). What a
 handler's outcome means is decided once, in :func:`messaging.broker.run_handler` /
-:func:`~messaging.broker.run_batch_handler`.
+:func:`~messaging.broker.run_batch_handler`. A delivery the handler answered ``DEFERRED``
+for is left out of the batch's settling; the handler settles it later through its
+``Delivery.settle`` (one more ``add_callback_threadsafe``), and until then it stays unacked —
+holding a prefetch slot — and is redelivered by the broker if the connection goes first.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from messaging.broker import (
     BatchHandler,
     Delivery,
     Disposition,
+    Settler,
     run_batch_handler,
     run_handler,
 )
@@ -145,12 +149,20 @@ class QueueConsumer:
         self._work_batch([(conn, channel, tag, delivery)])
 
     def _work_batch(self, batch: list[Item]) -> None:
+        settlers = []
+        for conn, channel, tag, delivery in batch:
+            settler = Settler(functools.partial(_settle_later, conn, channel, tag))
+            delivery.settle = settler
+            settlers.append(settler)
         outcomes = run_batch_handler(self.handler, [item[3] for item in batch])
         if Disposition.RETRY in outcomes:
             self._loop.stopping.wait(RETRY_PAUSE_S)  # don't spin while the database is down
         # One settle callback per connection (a batch may span a reconnect).
         by_conn: dict[int, tuple[Any, list[tuple[Any, int, Disposition]]]] = {}
-        for (conn, channel, tag, _), outcome in zip(batch, outcomes, strict=True):
+        for (conn, channel, tag, _), outcome, settler in zip(batch, outcomes, settlers,
+                                                             strict=True):
+            if outcome is Disposition.DEFERRED or not settler.claim():
+                continue  # the handler settles it later (or already did)
             by_conn.setdefault(id(conn), (conn, []))[1].append((channel, tag, outcome))
         for conn, settles in by_conn.values():
             try:
@@ -167,6 +179,15 @@ class QueueConsumer:
             worker.join(timeout=5)
 
 
+def _settle_later(conn: Any, channel: Any, tag: int, outcome: Disposition) -> None:
+    """From any thread: settle one deferred delivery on its connection's I/O thread."""
+    try:
+        conn.add_callback_threadsafe(functools.partial(_settle, [(channel, tag, outcome)]))
+    except Exception:
+        log.debug("connection gone before settling deferred delivery %d; the broker "
+                  "redelivers it", tag)
+
+
 def _settle(settles: list[tuple[Any, int, Disposition]]) -> None:
     """On the I/O thread: ack what is done, hand back what must be retried."""
     for channel, tag, outcome in settles:
@@ -174,5 +195,5 @@ def _settle(settles: list[tuple[Any, int, Disposition]]) -> None:
             continue  # the broker redelivers it on the next connection
         if outcome is Disposition.ACK:
             channel.basic_ack(tag)
-        else:
+        elif outcome is Disposition.RETRY:
             channel.basic_nack(tag, requeue=True)

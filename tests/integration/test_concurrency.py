@@ -212,6 +212,45 @@ def test_same_idempotency_key_creates_one_generation(client: TestClient, pg_worl
     assert len(holds_of(pg_world)) == 1
 
 
+def test_same_key_with_two_bodies_replays_one_and_refuses_the_other(
+        client: TestClient, pg_world: World) -> None:
+    # Half the callers send another prompt under the same key: whichever body wins, its
+    # callers all get its one generation, the others 409 idempotency_key_reused.
+    pg_world.bus.handle(Grant("u-42", Decimal("10.00"), "seed"))
+
+    def call(i: int) -> tuple[str, Response]:
+        prompt = "first prompt" if i % 2 else "second prompt"
+        return prompt, client.post(GENERATIONS, json={**start_body(), "prompt": prompt},
+                                   headers={**SVC, "Idempotency-Key": "odoo-order-18"})
+
+    results = race(THREADS, call)
+    assert count_generations(pg_world) == 1
+    won = [r for _p, r in results if r.status_code == 202]
+    winner = won[0].json()["prompt"]
+    for prompt, resp in results:
+        if prompt == winner:
+            assert resp.status_code == 202 and resp.json() == won[0].json(), resp.text
+        else:
+            assert code(resp) == "idempotency_key_reused", resp.text
+    assert len(won) == THREADS // 2
+    assert sum("Idempotent-Replayed" not in r.headers for r in won) == 1
+    assert [j["generation_id"] for j in pg_world.jobs()] == [won[0].json()["id"]]
+
+
+def test_same_key_refusals_store_one_answer_and_replay_it(client: TestClient,
+                                                          pg_world: World) -> None:
+    # No credits: every caller is refused; one refusal is stored under the key (in the same
+    # worker thread as the command), every other caller gets it replayed.
+    responses = race(THREADS, lambda _i: post_start(client, user_id="u-broke",
+                                                    idem="odoo-order-19"))
+    assert [code(r) for r in responses] == ["insufficient_credits"] * THREADS
+    assert all(r.status_code == 402 and r.json() == responses[0].json() for r in responses)
+    assert sum("Idempotent-Replayed" not in r.headers for r in responses) == 1
+    assert count_generations(pg_world) == 0 and pg_world.jobs() == []
+    again = post_start(client, user_id="u-broke", idem="odoo-order-19")
+    assert again.status_code == 402 and again.headers["Idempotent-Replayed"] == "true"
+
+
 def test_starts_beyond_the_balance_are_refused(client: TestClient, pg_world: World) -> None:
     pg_world.bus.handle(Grant("u-42", Decimal("0.75"), "seed"))
     responses = race(THREADS, lambda _i: post_start(client))

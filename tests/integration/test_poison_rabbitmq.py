@@ -146,3 +146,51 @@ def test_a_result_for_a_saga_that_cannot_be_loaded_parks_it_at_once(
     listed = running.client.get("/api/v1/attention", headers=SUPPORT).json()["items"]
     assert [(i["generation_id"], i["attention"]["kind"]) for i in listed] == [
         (gen["id"], "result")]
+
+
+def test_a_result_waiting_for_its_retry_does_not_hold_up_the_healthy_ones(
+        running_with: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One worker (the default): a result that failed transiently waits out a 3 s backoff
+    while the results published after it are applied; only then is it republished."""
+    running = running_with(retry_max_attempts=2, retry_base_s=3.0, retry_jitter=0)
+    assert running.runtime.settings.consumer_workers == 1
+    url = running.runtime.settings.amqp_url or ""
+    running.grant("p-4", "10.00")
+    slow = running.start("p-4", "p4-slow")
+    healthy = [running.start("p-4", f"p4-{i}") for i in range(5)]
+    events: list[str] = []
+    original = HANDLERS[ApplyResult]
+
+    def billing_busy_once(ctx: Any, cmd: ApplyResult, idem: Any) -> Any:
+        if cmd.generation_id == slow["id"] and "failed" not in events:
+            events.append("failed")
+            raise OperationalError("UPDATE generations", {}, Exception("server closed"))
+        return original(ctx, cmd, idem)
+
+    broker = running.runtime.broker
+    republish = broker.redeliver
+
+    def recorded_redeliver(delivery: Any, headers: dict[str, Any]) -> None:
+        events.append("republished")
+        republish(delivery, headers)
+
+    monkeypatch.setitem(HANDLERS, ApplyResult, billing_busy_once)
+    monkeypatch.setattr(broker, "redeliver", recorded_redeliver)
+    with Collector(url):
+        publish_raw(url, "generation.result.samples_ready",
+                    samples_result(slow["id"], job_id_of(running, slow["id"])))
+        wait_for(lambda: "failed" in events, message="the first try of the slow result")
+        for gen in healthy:
+            publish_raw(url, "generation.result.samples_ready",
+                        samples_result(gen["id"], job_id_of(running, gen["id"])))
+        for gen in healthy:
+            running.wait_state(gen["id"], "awaiting_selection", timeout=20)
+        # All five applied (in a batch, or one by one) while the slow one still waits for
+        # its backoff, unacked: it has not been republished yet.
+        assert events == ["failed"]
+        assert running.get(slow["id"])["state"] == "processing_samples"
+        running.wait_state(slow["id"], "awaiting_selection", timeout=20)
+    assert events == ["failed", "republished"]
+    assert running.get(slow["id"])["attention"] is None
+    assert dead(running) == []
+    assert queue_depth(url) == 0

@@ -21,6 +21,7 @@ from messaging.rabbitmq.consumer import QueueConsumer
 from persistence.uow import SqlUnitOfWork
 from saga.messagebus import MessageBus
 from saga.observer import NullObserver
+from saga.retry import RetryPolicy
 from tests.conftest import TEST_CONFIG, FakeClock, World
 from tests.unit.handlers.helpers import SAMPLES_READY, fund, one_job, sample_list, start
 
@@ -63,6 +64,13 @@ class FakeConnection:
 @pytest.fixture
 def wired(sqlite_engine: Engine, clock: FakeClock,
           monkeypatch: pytest.MonkeyPatch) -> tuple[World, Recorder, QueueConsumer]:
+    world, recorder, queue_consumer, _ = wired_with_results(sqlite_engine, clock, monkeypatch)
+    return world, recorder, queue_consumer
+
+
+def wired_with_results(sqlite_engine: Engine, clock: FakeClock,
+                       monkeypatch: pytest.MonkeyPatch
+                       ) -> tuple[World, Recorder, QueueConsumer, ResultConsumer]:
     monkeypatch.setattr(rabbit_consumer, "RETRY_PAUSE_S", 0.0)
     world = World(sqlite_engine, clock)
     recorder = Recorder()
@@ -73,11 +81,12 @@ def wired(sqlite_engine: Engine, clock: FakeClock,
         return unit
 
     bus = MessageBus(uow, TEST_CONFIG, clock=clock)
-    results = ResultConsumer(bus, world.broker, NullObserver())
+    results = ResultConsumer(bus, world.broker, NullObserver(),
+                             RetryPolicy(base=0.01, jitter=0, max_attempts=8))
     queue_consumer = QueueConsumer("amqp://guest:guest@127.0.0.1:1/none",
                                    "orchestrator.generation.results", results.handle,
                                    prefetch=1, workers=1)
-    return world, recorder, queue_consumer
+    return world, recorder, queue_consumer, results
 
 
 def samples_delivery(world: World) -> tuple[str, Delivery]:
@@ -100,12 +109,15 @@ def test_the_ack_follows_the_commit(wired: tuple[World, Recorder, QueueConsumer]
 
 
 def test_a_commit_that_fails_is_not_acked_but_requeued(
-        wired: tuple[World, Recorder, QueueConsumer]) -> None:
-    world, recorder, consumer = wired
+        sqlite_engine: Engine, clock: FakeClock, monkeypatch: pytest.MonkeyPatch) -> None:
+    world, recorder, consumer, results = wired_with_results(sqlite_engine, clock, monkeypatch)
     gen_id, delivery = samples_delivery(world)
     recorder.fail_commit = True
 
     consumer._work(FakeConnection(), FakeChannel(recorder), 8, delivery)
+    # A transient failure: unsettled while its backoff runs; then the republish (which
+    # needs a queue this delivery lacks) fails, so it goes back to the broker unacked.
+    assert results.later.wait_idle(5)
 
     assert recorder.log == ["commit failed", ("nack", 8, True)]
     assert world.queries.get(gen_id)["state"] == "processing_samples"  # nothing applied

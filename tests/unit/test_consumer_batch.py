@@ -24,6 +24,7 @@ from persistence.tables import generations
 from persistence.uow import SqlUnitOfWork
 from saga.messagebus import MessageBus
 from saga.messages import DEAD_LETTER_QUEUE
+from saga.retry import RetryPolicy
 from tests.conftest import TEST_CONFIG, FakeClock, World
 from tests.unit.handlers.helpers import (
     SAMPLES_READY,
@@ -68,7 +69,8 @@ class Wired:
             return unit
 
         bus = MessageBus(uow, TEST_CONFIG, clock=clock)
-        self.results = ResultConsumer(bus, self.world.broker, self.observer)
+        self.results = ResultConsumer(bus, self.world.broker, self.observer,
+                                      RetryPolicy(base=0.01, jitter=0, max_attempts=8))
         self.consumer = QueueConsumer("amqp://guest:guest@127.0.0.1:1/none", RESULTS,
                                       prefetch=10, workers=1, max_batch=10,
                                       batch_handler=self.results.handle_batch)
@@ -184,9 +186,11 @@ def check_a_batch_whose_commit_fails_is_handed_back_whole(wired: Wired) -> None:
 
     batch = [samples(gid, job, f"m-{n}") for n, (gid, job) in enumerate(sagas)]
     wired.deliver(batch)
+    assert wired.results.later.wait_idle(5)  # the two retries' backoff
 
     # The batch, then each on its own, failed at COMMIT; the republish a transient failure
-    # gets needs a queue these deliveries lack, so both go back to the broker unacked.
+    # gets (after its backoff, off the worker) needs a queue these deliveries lack, so both
+    # go back to the broker unacked.
     assert wired.recorder.log == ["commit failed"] * 3 + [("nack", 1, True), ("nack", 2, True)]
     for gid, _ in sagas:
         assert wired.world.queries.get(gid)["state"] == "processing_samples"

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 from api.app import ApiDeps, create_app
 from api.routes.generations import decode_cursor as _decode_cursor
+from api.schemas import SelectionBody, StartGenerationBody
 from saga.input_policy import (
     JSON_MAX_DEPTH,
     InvalidAmount,
@@ -35,6 +36,7 @@ from saga.input_policy import (
     loads_bounded,
     max_depth,
     parse_amount,
+    validated_body_hash,
 )
 from tests.conftest import World
 
@@ -695,6 +697,27 @@ def test_body_hash_ignores_key_order(pair: tuple[Any, Any]) -> None:
     assert body_hash(value) == body_hash(reordered)
     assert canonical_json(value) == canonical_json(reordered)
     assert json.loads(canonical_json(value)) == value
+
+
+@settings(max_examples=300, deadline=None)
+@given(value_and_reordered())
+def test_validated_body_hash_is_body_hash(pair: tuple[Any, Any]) -> None:
+    value, reordered = pair
+    assert validated_body_hash(value) == body_hash(value) == validated_body_hash(reordered)
+
+
+def test_validated_body_hash_keeps_the_digests_already_stored() -> None:
+    # Digests of these bodies as body_hash computed them before validated_body_hash existed:
+    # a retry with a key stored then must still match, not get idempotency_key_reused.
+    start = StartGenerationBody.model_validate(
+        {"user_id": "b-1", "prompt": "bench banner \u00e9\u4e2d", "format": "instagram_post",
+         "sample_count": 4, "metadata": {"z": 1, "a": [1.5, None, True]}},
+        context={"input_asset_hosts": ()})
+    selection = SelectionBody.model_validate({"sample_id": "s1", "resolution": "high"})
+    assert validated_body_hash(start.model_dump(mode="json")) == \
+        "cf621e2e9293f45d23dc101585791f9f0326e5da22b55956a2f6352f4b1f9865"
+    assert validated_body_hash(selection.model_dump(mode="json")) == \
+        "073553139d5c56df9f132a5b1972e96129a6ae912dd60c5f479817078e57f3e4"
 
 
 def test_body_hash_tells_different_bodies_apart() -> None:

@@ -58,6 +58,20 @@ def test_metrics_are_prometheus_text(client: TestClient) -> None:
                      r'\{user_id\}"[^}]*status="404"[^}]*\} 1\.0', text), text
 
 
+def test_metrics_count_every_request_per_route_and_status(client: TestClient) -> None:
+    # The edge middleware keeps the histogram's children: repeats land on the same series,
+    # a new status on a new one.
+    for _ in range(3):
+        client.get("/api/v1/accounts/ghost", headers=SVC)
+    client.get("/api/v1/accounts/ghost")  # no key: 401
+    text = client.get("/metrics").text
+    route = r'route="/api/v1/accounts/\{user_id\}"'
+    assert re.search(r'aigen_http_request_seconds_count\{[^}]*' + route
+                     + r'[^}]*status="404"[^}]*\} 3\.0', text), text
+    assert re.search(r'aigen_http_request_seconds_count\{[^}]*' + route
+                     + r'[^}]*status="401"[^}]*\} 1\.0', text), text
+
+
 def test_an_unexpected_error_is_a_problem_response_not_a_bare_500(pg_world: World) -> None:
     class Broken:
         """A read model with a bug in every query."""
