@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import Connection, Text, and_, func, insert, or_, select, type_coerce, update
@@ -70,16 +70,26 @@ def park_row(conn: Connection, generation_id: str, kind: str, reason: str,
 
 
 def record_fire_failure(conn: Connection, generation_id: str,
-                        retry_at: Callable[[int], datetime]) -> int:
-    """Count one more failed firing and push the deadline by the backoff; the new count."""
+                        retry_at: Callable[[int], datetime],
+                        note: dict[str, Any] | None = None, at: datetime | None = None) -> int:
+    """Count one more failed firing and push the deadline by the backoff; the new count.
+
+    ``note``: also add a ``note`` history row at ``at`` with this detail and ``attempt``."""
     failures = conn.execute(select(generations.c.fire_failures)
                             .where(generations.c.id == generation_id).with_for_update()
                             ).scalar()
     if failures is None:
         return 0
     failures = int(failures) + 1
+    values: dict[str, Any] = {}
+    if note is not None:
+        found = _raw_body(conn, generation_id)
+        if found is not None:
+            values = _append_note(conn, generation_id, found[0], at or datetime.now(UTC), "system",
+                                  {**note, "attempt": failures})
     conn.execute(update(generations).where(generations.c.id == generation_id).values(
-        fire_failures=failures, due_at=retry_at(failures), version=generations.c.version + 1))
+        fire_failures=failures, due_at=retry_at(failures), version=generations.c.version + 1,
+        **values))
     return failures
 
 

@@ -12,15 +12,17 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Collection
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
 import httpx
-from sqlalchemy import Connection, Engine, func, select, update
+from sqlalchemy import Connection, Engine, delete, func, literal, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
 
 from persistence.ledger import close_hold, count_sample_rounds, from_cents, record_hold
-from persistence.tables import holds
+from persistence.tables import billing_commits_sent, holds
 from saga.errors import (
     BillingRefused,
     BillingUnavailable,
@@ -201,15 +203,48 @@ class ExternalBilling:
 
     def prepare_settle(self, hold_id: str, *, commit: bool) -> None:
         op = "commit" if commit else "release"
+        if commit and self.durable:
+            # Say durably that a commit is on its way before sending it: if this process dies
+            # after the backend committed but before our commit, the hold still looks open
+            # here, and only this row stops a deadline or a cancel from releasing it.
+            self._mark_commit_sent(hold_id)
         response = self.client.call("POST", f"/holds/{hold_id}/{op}")
         if response.status_code in (200, 201, 204):
             return
         if response.status_code == 404 and not commit:
             return  # the backend never held it: nothing to release
+        if commit and self.durable:
+            self._unmark_commit_sent(hold_id)  # a refusal: the backend did not commit it
         raise refused(response.status_code, f"to {op} {hold_id}")
 
+    def _mark_commit_sent(self, hold_id: str) -> None:
+        # A side connection, committed at once, on a table our own transaction never locks
+        # before this point (the settle deletes the row afterwards): it cannot wait on us.
+        with self.conn.engine.connect() as side, side.begin():
+            side.execute(pg_insert(billing_commits_sent).from_select(
+                ["hold_id", "generation_id", "sent_at"],
+                select(holds.c.hold_id, holds.c.generation_id,
+                       literal(datetime.now(UTC), billing_commits_sent.c.sent_at.type))
+                .where(holds.c.hold_id == hold_id)).on_conflict_do_nothing())
+
+    def _unmark_commit_sent(self, hold_id: str) -> None:
+        with self.conn.engine.connect() as side, side.begin():
+            side.execute(delete(billing_commits_sent)
+                         .where(billing_commits_sent.c.hold_id == hold_id))
+
+    def commit_sent(self, hold_ids: Collection[str]) -> set[str]:
+        if not self.durable or not hold_ids:
+            return set()
+        return set(self.conn.execute(
+            select(billing_commits_sent.c.hold_id)
+            .where(billing_commits_sent.c.hold_id.in_(list(hold_ids)))).scalars())
+
     def settle(self, hold_id: str, *, commit: bool, at: datetime) -> bool:
-        return close_hold(self.conn, hold_id, commit=commit, at=at) is not None
+        settled = close_hold(self.conn, hold_id, commit=commit, at=at) is not None
+        if self.durable:  # settled here, in the same transaction: no commit in flight any more
+            self.conn.execute(delete(billing_commits_sent)
+                              .where(billing_commits_sent.c.hold_id == hold_id))
+        return settled
 
     def abandon(self) -> None:
         """The transaction that reserved holds rolled back: release them remotely."""

@@ -6,6 +6,7 @@ rows that announce it commit together or not at all.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from datetime import datetime
 from decimal import Decimal
 
@@ -171,6 +172,9 @@ class SqlLedger:
 
     def abandon(self) -> None:
         return None  # everything we did was inside the rolled-back transaction
+
+    def commit_sent(self, hold_ids: Collection[str]) -> set[str]:
+        return set()  # a commit is settled in our own transaction: never in flight
 
     def settle(self, hold_id: str, *, commit: bool, at: datetime) -> bool:
         if self.one_statement:

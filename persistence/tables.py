@@ -172,6 +172,18 @@ holds = Table(
           sqlite_where=text("status = 'pending'")),
 )
 
+# External billing only: a hold whose commit was sent to the backend (written on a side
+# connection and committed *before* the remote call), deleted in the transaction that settles
+# the hold. A row whose hold is still open means the remote commit may have happened while our
+# transaction was lost: the hold must never be released then (docs/architecture.md, credits).
+billing_commits_sent = Table(
+    "billing_commits_sent",
+    metadata,
+    Column("hold_id", String(36), primary_key=True),
+    Column("generation_id", String(36), nullable=False),
+    Column("sent_at", UTCDateTime, nullable=False),
+)
+
 # Append-only: every change of an account's balance or held amount is one row here, so
 # sum(balance_delta_cents) == balance_cents and sum(held_delta_cents) == held_cents.
 journal = Table(

@@ -199,9 +199,10 @@ class SqlGenerations:
         self._flush()  # plain SQL on the row: the buffered write goes first
         return park_row(self.conn, generation_id, kind, reason, now)
 
-    def fire_failed(self, generation_id: str, retry_at: Callable[[int], datetime]) -> int:
+    def fire_failed(self, generation_id: str, retry_at: Callable[[int], datetime],
+                    note: dict[str, Any] | None = None, at: datetime | None = None) -> int:
         self._flush()  # plain SQL on the row: the buffered write goes first
-        return record_fire_failure(self.conn, generation_id, retry_at)
+        return record_fire_failure(self.conn, generation_id, retry_at, note, at)
 
     def unpark(self, generation_id: str, now: datetime, *, actor: str, reason: str,
                due_now: bool, note: dict[str, Any] | None = None) -> bool | None:

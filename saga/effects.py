@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 from saga import intents as it
 from saga import triggers as tg
-from saga.errors import BillingUnavailable, ConcurrencyConflict
+from saga.errors import BillingUnavailable, CommitInFlight, ConcurrencyConflict
 from saga.machine import fire
 from saga.messages import (
     OutboundMessage,
@@ -81,9 +81,11 @@ def _transition(ctx: Context, uow: UnitOfWork, saga: Generation, payload: tg.Tri
     and the saga waits in ``compensating`` instead, retried by the sweeper.
     """
     snapshot = copy.deepcopy(saga) if uow.billing.may_be_unavailable else None
+    state = saga.state
     if not fire(saga, payload, now=now, actor=actor, config=ctx.config):
         return False
     pending = saga.take_pending()
+    _refuse_releasing_sent_commits(uow, pending, state)
     for intent in pending:
         if not isinstance(intent, it.Commit | it.Release):
             continue
@@ -98,6 +100,17 @@ def _transition(ctx: Context, uow: UnitOfWork, saga: Generation, payload: tg.Tri
     apply_intents(ctx, uow, saga, pending, now, plan=plan)
     ctx.observer.count("transitions", trigger=payload.name)
     return True
+
+
+def _refuse_releasing_sent_commits(uow: UnitOfWork, pending: list[it.Intent],
+                                   state: str) -> None:
+    """Raise :class:`CommitInFlight` (nothing sent, the caller must not save ``saga``) when a
+    release in ``pending`` is of a hold whose commit external billing may already have made:
+    a release would be refused (409) or, worse, undo a charge for delivered work."""
+    releases = [i.hold_id for i in pending if isinstance(i, it.Release)]
+    sent = uow.billing.commit_sent(releases) if releases else set()
+    if sent:
+        raise CommitInFlight(sorted(sent), state=state)
 
 
 def _defer_compensation(ctx: Context, uow: UnitOfWork, saga: Generation, snapshot: Generation,

@@ -26,6 +26,18 @@ class InvalidState(DomainError):
     code = "invalid_state"
 
 
+class CommitInFlight(InvalidState):
+    """A step would release a hold whose commit was already sent to external billing (our
+    transaction that settled it was lost, e.g. to a crash). Billing may have committed it, so
+    it is never released: the result that sent the commit is redelivered and completes the
+    saga. A cancel is refused with ``invalid_state`` meanwhile; a deadline waits for it."""
+
+    def __init__(self, hold_ids: list[str], *, state: str) -> None:
+        super().__init__(f"a commit of hold {', '.join(hold_ids)} was sent to billing and its "
+                         "result is still being applied", state=state)
+        self.hold_ids = hold_ids
+
+
 class UnknownSample(DomainError):
     code = "unknown_sample"
 

@@ -12,7 +12,7 @@ share (idempotency, refusal records); support staff's commands are in :mod:`saga
 from __future__ import annotations
 
 from collections.abc import Callable
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from saga import intents as it
@@ -31,6 +31,7 @@ from saga.commands import (
 )
 from saga.effects import Context, apply_intents, park, transition
 from saga.errors import (
+    CommitInFlight,
     ConcurrencyConflict,
     DomainError,
     GenerationUnreadable,
@@ -417,6 +418,10 @@ def _fire_one_due(ctx: Context) -> bool:
                                     generation_id=saga.id, timer=due_kind):
                 try:
                     fired = transition(ctx, uow, saga, _timer_payload(saga), "timer", now)
+                except CommitInFlight as exc:  # before InvalidState: it is one
+                    _await_sent_commit(ctx, uow, saga.id, kind, exc, now)
+                    uow.commit()
+                    return True
                 except InvalidState:
                     fired = False
                 if not fired:
@@ -434,6 +439,37 @@ def _fire_one_due(ctx: Context) -> bool:
             raise  # could not even claim (database down): the sweeper backs off
         _fire_failed(ctx, claimed, kind, exc, now)
         return True
+
+
+def _await_sent_commit(ctx: Context, uow: UnitOfWork, generation_id: str, kind: str,
+                       exc: CommitInFlight, now: datetime) -> None:
+    """The deadline would release a hold whose commit was sent to billing (our transaction
+    that settled it was lost): it yields to that result, which is redelivered, and fires
+    again after the retry policy's backoff (without jitter, at least half a second). Once it
+    has waited ``config.commit_wait`` in all, the saga is parked — its hold left open, never
+    released (billing may have committed it).
+
+    The wait is bounded by time rather than by the policy's attempts: the result may only
+    come back once the service is up again and its consumer got to it, which a small attempt
+    budget with a short cap (a few seconds) does not cover."""
+    holds = ", ".join(exc.hold_ids)
+    policy = ctx.retry.limited(jitter=0)
+
+    def step(n: int) -> float:
+        return max(policy.delay(n), 0.5)
+
+    failures = uow.generations.fire_failed(
+        generation_id, lambda n: now + timedelta(seconds=step(n)),
+        note={"deadline_deferred": kind, "reason": "commit_sent_to_billing", "hold_id": holds},
+        at=now)
+    ctx.observer.count("deadlines_deferred", reason="commit_in_flight")
+    waited = sum(step(n) for n in range(1, failures))
+    if waited >= ctx.config.commit_wait.total_seconds():
+        park(ctx, uow, generation_id, kind,
+             f"a commit of hold {holds} was sent to billing and its result never came back "
+             f"(deadline deferred {failures - 1} times, {waited:.0f} s); the hold is not "
+             "released: find out from billing whether it was committed", now,
+             cause="commit_in_flight")
 
 
 __all__ = ["APPLIED", "UNKNOWN_GENERATION", "UNSAFE_RESULT", "idempotent", "unsafe_result"]

@@ -82,6 +82,9 @@ class SagaConfig:
     # Compensation retries past this many tries park the saga (kind ``compensation``).
     compensation_max_tries: int = 8
     compensation_jitter: float = 0.0  # the settings pass AIGEN_RETRY_JITTER
+    # How long (of the service running) a deadline waits for the redelivered result of a
+    # commit that was sent to external billing before it parks the saga instead.
+    commit_wait: timedelta = timedelta(seconds=120)
     prices: PriceBook = field(default_factory=PriceBook)
     bucket: str = "creativeflow-assets"
     sample_size: int = 512

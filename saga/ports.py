@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
@@ -68,8 +68,10 @@ class GenerationRepository(Protocol):
     def park(self, generation_id: str, kind: str, reason: str, now: datetime) -> bool:
         """Set ``attention`` and add a ``note``; False if unknown or already parked."""
 
-    def fire_failed(self, generation_id: str, retry_at: Callable[[int], datetime]) -> int:
-        """Count a failed firing, move ``due_at`` to ``retry_at(count)``; the count."""
+    def fire_failed(self, generation_id: str, retry_at: Callable[[int], datetime],
+                    note: dict[str, Any] | None = None, at: datetime | None = None) -> int:
+        """Count a failed firing, move ``due_at`` to ``retry_at(count)``; the count. ``note``:
+        the detail of a ``note`` history row to add at ``at`` (with ``attempt``: the count)."""
 
     def unpark(self, generation_id: str, now: datetime, *, actor: str, reason: str,
                due_now: bool, note: dict[str, Any] | None = None) -> bool | None:
@@ -117,6 +119,15 @@ class Billing(Protocol):
         """Reach the backend before the transaction commits (external billing only).
 
         Raises ``BillingUnavailable`` when it does not answer; the built-in ledger does nothing.
+        """
+
+    def commit_sent(self, hold_ids: Collection[str]) -> set[str]:
+        """Those of ``hold_ids`` whose commit was sent to the backend but not yet settled here.
+
+        External billing commits remotely before our transaction commits; a process that dies
+        in between leaves the hold open here although the backend committed it. Such a hold
+        must never be released (the result that committed it is redelivered). The built-in
+        ledger settles inside the transaction, so it always answers an empty set.
         """
 
     def settle(self, hold_id: str, *, commit: bool, at: datetime) -> bool:

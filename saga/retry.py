@@ -21,12 +21,13 @@ from dataclasses import dataclass, replace
 from datetime import timedelta
 from typing import Literal
 
-from saga.errors import BillingUnavailable, ConcurrencyConflict
+from saga.errors import BillingUnavailable, CommitInFlight, ConcurrencyConflict
 
 Kind = Literal["transient", "permanent"]
 
-_TRANSIENT: list[type[BaseException]] = [BillingUnavailable, ConcurrencyConflict,
-                                         ConnectionError, TimeoutError]
+# CommitInFlight: the result that sent the commit is on its way back and settles the hold.
+_TRANSIENT: list[type[BaseException]] = [BillingUnavailable, CommitInFlight,
+                                         ConcurrencyConflict, ConnectionError, TimeoutError]
 
 
 def register_transient(*types: type[BaseException]) -> None:

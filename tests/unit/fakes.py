@@ -9,7 +9,7 @@ as copies too, so the optimistic version check behaves as the SQL repository's d
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
@@ -44,6 +44,8 @@ class FakeStore:
     responses: dict[tuple[str, str], tuple[str, int, Any]] = field(default_factory=dict)
     commits: int = 0
     fire_failures: dict[str, int] = field(default_factory=dict)
+    # Holds whose commit went to an (imagined) external backend, our transaction lost.
+    commits_sent: set[str] = field(default_factory=set)
 
 
 class FakeGenerations:
@@ -91,11 +93,15 @@ class FakeGenerations:
         self._note(saga, "system", {"parked": True, "kind": kind, "reason": reason})
         return True
 
-    def fire_failed(self, generation_id: str, retry_at: Callable[[int], datetime]) -> int:
+    def fire_failed(self, generation_id: str, retry_at: Callable[[int], datetime],
+                    note: dict[str, Any] | None = None, at: datetime | None = None) -> int:
         saga = self.store.sagas[generation_id]
         self.fire_failures[generation_id] = self.fire_failures.get(generation_id, 0) + 1
         saga.due_at = retry_at(self.fire_failures[generation_id])
         saga.version += 1
+        if note is not None:
+            self._note(saga, "system", {**note, "attempt": self.fire_failures[generation_id]})
+            saga.version -= 1  # _note bumps it too
         return self.fire_failures[generation_id]
 
     def unpark(self, generation_id: str, now: datetime, *, actor: str, reason: str,
@@ -207,6 +213,9 @@ class FakeBilling:
 
     def abandon(self) -> None:
         return None
+
+    def commit_sent(self, hold_ids: Collection[str]) -> set[str]:
+        return set(hold_ids) & self.store.commits_sent
 
     def set_plan(self, user_id: str, plan: str, at: datetime) -> Account:
         old = self.store.accounts.get(user_id) or Account(user_id, plan, Decimal("0"),

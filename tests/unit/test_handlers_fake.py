@@ -160,3 +160,32 @@ def test_account_commands_validate_before_any_unit_of_work(bus: MessageBus,
 def test_an_unknown_command_is_a_type_error(bus: MessageBus) -> None:
     with pytest.raises(TypeError):
         bus.handle(object())
+
+
+def test_a_deadline_never_releases_a_hold_whose_commit_was_sent(
+        bus: MessageBus, store: FakeStore, clock: Clock) -> None:
+    """The commit went to billing, our transaction was lost: the deadline waits for the
+    redelivered result (re-armed, noted), never releasing; a cancel is refused meanwhile."""
+    bus.handle(Grant("u-1", Decimal("1.00"), "seed"))
+    gen = start(bus)
+    gid = str(gen["id"])
+    hold = store.sagas[gid].hold
+    assert hold is not None
+    store.commits_sent.add(hold.hold_id)
+    clock.now += timedelta(seconds=121)
+    assert bus.handle(FireDeadlines()) == 1
+    saga = store.sagas[gid]
+    assert saga.state == "processing_samples" and saga.hold == hold
+    assert saga.due_at is not None and saga.due_at > clock.now and saga.attention is None
+    assert store.holds[hold.hold_id][1] == "open"
+    assert store.history[gid][-1][1].detail["deadline_deferred"] == "timer"
+    with pytest.raises(InvalidState):
+        bus.handle(Cancel(gid))
+    assert store.sagas[gid].state == "processing_samples"
+    for _ in range(30):  # the result never comes back: parked after commit_wait, not released
+        clock.now += timedelta(seconds=60)
+        bus.handle(FireDeadlines())
+    saga = store.sagas[gid]
+    assert saga.attention is not None and saga.attention["kind"] == "timer"
+    assert "was sent to billing" in saga.attention["reason"]
+    assert saga.state == "processing_samples" and store.holds[hold.hold_id][1] == "open"

@@ -9,7 +9,7 @@ import pytest
 from sqlalchemy.exc import OperationalError
 
 import persistence.db  # noqa: F401  (registers SQLAlchemy's transient errors)
-from saga.errors import BillingRefused, BillingUnavailable, UnloadableSaga
+from saga.errors import BillingRefused, BillingUnavailable, CommitInFlight, UnloadableSaga
 from saga.failures import FailureLog
 from saga.retry import RetryPolicy, classify
 
@@ -42,6 +42,7 @@ def test_an_invalid_policy_is_refused() -> None:
     (OperationalError("SELECT 1", {}, Exception("down")), "transient"),
     (BillingUnavailable("timeout"), "transient"),
     (ConnectionError("broker"), "transient"),
+    (CommitInFlight(["h-1"], state="processing_final"), "transient"),  # its result comes
     (BillingRefused("400", status=400), "permanent"),
     (UnloadableSaga("g", "KeyError"), "permanent"),
     (KeyError("bug"), "permanent"),
