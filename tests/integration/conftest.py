@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from typing import Any
 
@@ -10,6 +11,9 @@ from fastapi.testclient import TestClient
 from sqlalchemy import Engine
 
 from aigen.bootstrap import build
+from persistence.external_billing import ExternalBilling, HttpBillingClient
+from standins.billing import BillingStandIn
+from tests.conftest import FakeClock, World
 from tests.integration.rabbit_fixtures import Running, settings_for
 
 
@@ -39,3 +43,19 @@ def running_with(pg_engine: Engine, pg_url: str, amqp_url: str) -> Iterator[Any]
     for runtime, client in started:
         client.__exit__(None, None, None)
         runtime.stop()
+
+
+# -- the external billing stand-in, and a World whose billing is it over HTTP ------------
+@pytest.fixture
+def billing() -> Iterator[BillingStandIn]:
+    with BillingStandIn() as standin:
+        yield standin
+
+
+@pytest.fixture
+def ext_world(pg_engine: Engine, clock: FakeClock, billing: BillingStandIn) -> Iterator[World]:
+    client = HttpBillingClient(billing.url, timeout=0.5, attempts=3, backoff=0.01)
+    world = World(pg_engine, clock, billing_factory=functools.partial(ExternalBilling,
+                                                                       client=client))
+    yield world
+    client.close()

@@ -7,44 +7,25 @@ and then parked. Either way the result is dead-lettered once and the saga keeps 
 
 from __future__ import annotations
 
-import functools
 import json
 import queue
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine
 
 from messaging.broker import Delivery
 from messaging.consumer import ResultConsumer
-from persistence.external_billing import ExternalBilling, HttpBillingClient
 from saga.commands import ApplyResult, SelectSample, StartGeneration
 from saga.messages import DEAD_LETTER_QUEUE, RESULTS_QUEUE
 from saga.observer import NullObserver
 from saga.retry import RetryPolicy
 from standins.billing import BillingStandIn
-from tests.conftest import FakeClock, World
+from tests.conftest import World
 
 pytestmark = pytest.mark.integration
 FORMAT = {"name": "instagram_post", "width": 1080, "height": 1080}
 SAMPLES = [{"sample_id": f"s{i}", "url": f"s3://b/s{i}.png", "width": 512, "height": 512}
            for i in range(1, 5)]
-
-
-@pytest.fixture
-def billing() -> Iterator[BillingStandIn]:
-    with BillingStandIn() as standin:
-        yield standin
-
-
-@pytest.fixture
-def ext_world(pg_engine: Engine, clock: FakeClock, billing: BillingStandIn) -> Iterator[World]:
-    client = HttpBillingClient(billing.url, timeout=0.5, attempts=3, backoff=0.01)
-    world = World(pg_engine, clock, billing_factory=functools.partial(ExternalBilling,
-                                                                       client=client))
-    yield world
-    client.close()
 
 
 def to_final(world: World, billing: BillingStandIn) -> tuple[str, str]:

@@ -9,13 +9,9 @@ work). It yields to the result, re-arming itself; past the retry budget it parks
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Iterator
-
 import pytest
-from sqlalchemy import Engine, func, select
+from sqlalchemy import func, select
 
-from persistence.external_billing import ExternalBilling, HttpBillingClient
 from persistence.tables import billing_commits_sent, holds
 from saga.commands import ApplyResult, Cancel, FireDeadlines, SelectSample, StartGeneration
 from saga.errors import InvalidState
@@ -28,21 +24,6 @@ SAMPLES = [{"sample_id": f"s{i}", "url": f"s3://b/s{i}.png", "width": 512, "heig
            for i in range(1, 5)]
 ASSET = {"url": "s3://b/f.png", "width": 2048, "height": 2048}
 FINAL_DEADLINE_S = 600  # tests.conftest.TEST_CONFIG
-
-
-@pytest.fixture
-def billing() -> Iterator[BillingStandIn]:
-    with BillingStandIn() as standin:
-        yield standin
-
-
-@pytest.fixture
-def ext_world(pg_engine: Engine, clock: FakeClock, billing: BillingStandIn) -> Iterator[World]:
-    client = HttpBillingClient(billing.url, timeout=0.5, attempts=3, backoff=0.01)
-    world = World(pg_engine, clock, billing_factory=functools.partial(ExternalBilling,
-                                                                       client=client))
-    yield world
-    client.close()
 
 
 def crash_after_the_remote_commit(world: World, billing: BillingStandIn) -> tuple[str, str, str]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import random
-from collections.abc import Iterator
 from datetime import timedelta
 from decimal import Decimal
 from typing import Any
@@ -28,25 +27,10 @@ from persistence.tables import holds
 from saga.commands import ApplyResult, Cancel, FireDeadlines, SelectSample, StartGeneration
 from saga.errors import BillingUnavailable, DomainError, InsufficientCredits
 from standins.billing import BillingStandIn
-from tests.conftest import FakeClock, World
+from tests.conftest import World
 
 pytestmark = pytest.mark.integration
 FORMAT = {"name": "instagram_post", "width": 1080, "height": 1080}
-
-
-@pytest.fixture
-def billing() -> Iterator[BillingStandIn]:
-    with BillingStandIn() as standin:
-        yield standin
-
-
-@pytest.fixture
-def ext_world(pg_engine: Engine, clock: FakeClock, billing: BillingStandIn) -> Iterator[World]:
-    client = HttpBillingClient(billing.url, timeout=0.5, attempts=3, backoff=0.01)
-    world = World(pg_engine, clock, billing_factory=functools.partial(ExternalBilling,
-                                                                       client=client))
-    yield world
-    client.close()
 
 
 def samples() -> list[dict[str, Any]]:

@@ -101,12 +101,6 @@ def test_support_cancel_replays_its_idempotency_key(client: TestClient,
 
 # ------------------------------------------------------------------ resolve (external billing)
 @pytest.fixture
-def billing() -> Iterator[BillingStandIn]:
-    with BillingStandIn() as standin:
-        yield standin
-
-
-@pytest.fixture
 def ext(pg_engine: Engine, clock: FakeClock, billing: BillingStandIn
         ) -> Iterator[tuple[TestClient, World]]:
     http = HttpBillingClient(billing.url, timeout=0.5, attempts=2, backoff=0.01)
