@@ -65,8 +65,8 @@ class Settings(BaseSettings):
     relay_batch_size: int = Field(500, ge=1)
     consumer_prefetch: int = Field(200, ge=1)
     # Threads applying result batches (and draining dead letters). With batching one is
-    # enough and cheapest (bench: ~1.5 ms less CPU per generation than two); a second keeps
-    # results flowing while the first sleeps through a failed result's backoff (<= 5 s).
+    # enough and cheapest (bench: ~1.5 ms less CPU per generation than two); a failed
+    # result waits for its retry on a timer (messaging/deferred.py), not in a worker.
     consumer_workers: int = Field(1, ge=1)
     # Results applied in one transaction at most (what is ready; 1: one per transaction).
     consumer_batch_size: int = Field(50, ge=1)
