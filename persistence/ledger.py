@@ -123,16 +123,7 @@ class SqlLedger:
         if self.one_statement:
             return self._reserve_pg(hold, quota=quota, month=month)
         account = self.account(hold.user_id, lock=True)  # serialises one user's reservations
-        if account is None:
-            raise InsufficientCredits(f"account {hold.user_id} has no credits",
-                                      required=str(money(hold.amount)), available="0.00")
-        if quota is not None and count_sample_rounds(self.conn, hold.user_id, month) >= quota:
-            raise QuotaExceeded(f"the free plan allows {quota} sample rounds per month",
-                                limit=quota, month=month)
-        if account.available < hold.amount:
-            raise InsufficientCredits(
-                f"{money(hold.amount)} credits needed, {money(account.available)} available",
-                required=str(money(hold.amount)), available=str(money(account.available)))
+        self._refuse_if_cannot_hold(account, hold, quota=quota, month=month)
         cents = to_cents(hold.amount)
         self._move(hold.user_id, 0, cents, hold.at)
         record_hold(self.conn, hold, month)
@@ -157,13 +148,26 @@ class SqlLedger:
             return
         # Refused (rare): read the account for the error; nothing was written.
         account = self.account(hold.user_id)
+        self._refuse_if_cannot_hold(account, hold, quota=quota, month=month)
+        assert account is not None  # refused above otherwise
+        raise self._insufficient(account, hold)  # the UPDATE found too little
+
+    def _refuse_if_cannot_hold(self, account: Account | None, hold: HoldRequest, *,
+                               quota: int | None, month: str) -> None:
+        """Raise the refusal a reservation gets: no account, the free plan's quota reached,
+        or too little available (checked in that order)."""
         if account is None:
             raise InsufficientCredits(f"account {hold.user_id} has no credits",
                                       required=str(money(hold.amount)), available="0.00")
         if quota is not None and count_sample_rounds(self.conn, hold.user_id, month) >= quota:
             raise QuotaExceeded(f"the free plan allows {quota} sample rounds per month",
                                 limit=quota, month=month)
-        raise InsufficientCredits(
+        if account.available < hold.amount:
+            raise self._insufficient(account, hold)
+
+    @staticmethod
+    def _insufficient(account: Account, hold: HoldRequest) -> InsufficientCredits:
+        return InsufficientCredits(
             f"{money(hold.amount)} credits needed, {money(account.available)} available",
             required=str(money(hold.amount)), available=str(money(account.available)))
 
