@@ -15,30 +15,14 @@ import pytest
 
 from messaging.broker import Delivery
 from messaging.consumer import ResultConsumer
-from saga.commands import ApplyResult, SelectSample, StartGeneration
 from saga.messages import DEAD_LETTER_QUEUE, RESULTS_QUEUE
 from saga.observer import NullObserver
 from saga.retry import RetryPolicy
 from standins.billing import BillingStandIn
 from tests.conftest import World
+from tests.integration.billing_flow import to_final
 
 pytestmark = pytest.mark.integration
-FORMAT = {"name": "instagram_post", "width": 1080, "height": 1080}
-SAMPLES = [{"sample_id": f"s{i}", "url": f"s3://b/s{i}.png", "width": 512, "height": 512}
-           for i in range(1, 5)]
-
-
-def to_final(world: World, billing: BillingStandIn) -> tuple[str, str]:
-    billing.open_account("u-1", "free", "10.00")
-    gen = world.bus.handle(StartGeneration(user_id="u-1", prompt="p", format=FORMAT))
-    (job,) = world.jobs()
-    assert world.bus.handle(ApplyResult("AIGenerationSamplesReady", gen["id"], job["job_id"],
-                                        samples=SAMPLES)) == "applied"
-    world.bus.handle(SelectSample(gen["id"], "s1", "standard"))
-    (final_job,) = world.jobs()
-    return gen["id"], final_job["job_id"]
-
-
 def deliver_until_settled(world: World, consumer: ResultConsumer, body: bytes) -> int:
     """Hand the result to the consumer, and every redelivery it makes; how many tries."""
     results = world.broker.queues[RESULTS_QUEUE]

@@ -13,15 +13,13 @@ import pytest
 from sqlalchemy import func, select
 
 from persistence.tables import billing_commits_sent, holds
-from saga.commands import ApplyResult, Cancel, FireDeadlines, SelectSample, StartGeneration
+from saga.commands import ApplyResult, Cancel, FireDeadlines, StartGeneration
 from saga.errors import InvalidState
 from standins.billing import BillingStandIn
 from tests.conftest import FakeClock, World
+from tests.integration.billing_flow import FORMAT, SAMPLES, to_final
 
 pytestmark = pytest.mark.integration
-FORMAT = {"name": "instagram_post", "width": 1080, "height": 1080}
-SAMPLES = [{"sample_id": f"s{i}", "url": f"s3://b/s{i}.png", "width": 512, "height": 512}
-           for i in range(1, 5)]
 ASSET = {"url": "s3://b/f.png", "width": 2048, "height": 2048}
 FINAL_DEADLINE_S = 600  # tests.conftest.TEST_CONFIG
 
@@ -29,22 +27,16 @@ FINAL_DEADLINE_S = 600  # tests.conftest.TEST_CONFIG
 def crash_after_the_remote_commit(world: World, billing: BillingStandIn) -> tuple[str, str, str]:
     """A saga in processing_final whose final hold billing committed while our transaction
     (that would have completed the saga) was lost: (generation id, final job id, hold id)."""
-    billing.open_account("u-1", "free", "10.00")
-    gen = world.bus.handle(StartGeneration(user_id="u-1", prompt="p", format=FORMAT))
-    (job,) = world.jobs()
-    assert world.bus.handle(ApplyResult("AIGenerationSamplesReady", gen["id"], job["job_id"],
-                                        samples=SAMPLES)) == "applied"
-    world.bus.handle(SelectSample(gen["id"], "s1", "standard"))
-    (final_job,) = world.jobs()
+    gid, final_job_id = to_final(world, billing)
     with world.engine.connect() as conn:
         hold_id = conn.execute(select(holds.c.hold_id).where(
-            holds.c.generation_id == gen["id"], holds.c.status == "open")).scalar_one()
+            holds.c.generation_id == gid, holds.c.status == "open")).scalar_one()
     uow = world.bus.ctx.uow_factory()
     with uow:  # what applying the result does first; then the process dies: no commit
         uow.billing.prepare_settle(hold_id, commit=True)
     assert billing.holds[hold_id]["status"] == "committed"
-    assert world.queries.get(gen["id"])["state"] == "processing_final"
-    return gen["id"], final_job["job_id"], hold_id
+    assert world.queries.get(gid)["state"] == "processing_final"
+    return gid, final_job_id, hold_id
 
 
 def transitions_of(billing: BillingStandIn, hold_id: str) -> list[str]:
