@@ -56,9 +56,10 @@ def _unreadable_message(exc: GenerationUnreadable) -> str:
     attention = exc.extra.get("attention")
     parked = (f"It is parked ({attention['kind']}) since {attention['since']}: "
               f"{attention['reason']}." if attention else "Nothing has parked it yet.")
-    return (f"Generation {exc.extra.get('generation_id')} is stored in state "
-            f"{exc.extra.get('state')}, but its row cannot be read. {parked} Repair the row "
-            "first, then retry it with POST /api/v1/generations/{id}/support/retry.")
+    gid = exc.extra.get("generation_id")
+    return (f"Generation {gid} is stored in state {exc.extra.get('state')}, but its row "
+            f"cannot be read. {parked} Repair the row first, then retry it with "
+            f"POST /api/v1/generations/{gid}/support/retry.")
 
 
 def console_router(deps: Any) -> APIRouter:

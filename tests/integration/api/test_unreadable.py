@@ -92,3 +92,4 @@ def test_the_console_shows_an_unreadable_generation_instead_of_failing(
     r = lenient.get(f"/console/generations/{gen['id']}")
     assert r.status_code == 409, r.text[:500]
     assert "cannot be read" in r.text and "UnloadableSaga: KeyError" in r.text
+    assert f"/api/v1/generations/{gen['id']}/support/retry" in r.text  # the id, to paste
