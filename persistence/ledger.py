@@ -169,10 +169,12 @@ class LedgerWrites:
         if self.closed_holds:
             ctes.append("hc AS (UPDATE holds SET status = v.st, settled_at = v.at FROM (VALUES "
                         + ", ".join(["(%s, %s, %s::timestamptz)"] * len(self.closed_holds))
-                        + ") AS v (hid, st, at) WHERE holds.hold_id = v.hid "
-                        "AND holds.status = 'open' RETURNING 1)")
+                        + ") AS v (hid, st, at) WHERE holds.hold_id IN ("
+                        + ", ".join(["%s"] * len(self.closed_holds))
+                        + ") AND holds.hold_id = v.hid AND holds.status = 'open' RETURNING 1)")
             for row in self.closed_holds:
                 params += row
+            params += [row[0] for row in self.closed_holds]
             checks.append(("hc", len(self.closed_holds),
                            LedgerOutOfStep("a hold locked open was not open")))
         if self.journal:
