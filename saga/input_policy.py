@@ -663,5 +663,47 @@ def validated_body_hash(value: object) -> str:
     models' own shallow defaults), its keys field names or JSON object keys. So the depth and
     key checks of :func:`canonical_json` cannot fail (they were about 8 % of the event loop's
     samples in the bench's profile). Anything else goes through :func:`body_hash`.
+
+    A tree of only dicts (string keys), lists, strings, integers, booleans and ``None`` — no
+    floats, whose text orjson spells differently (``1e16`` for ``1e+16``) — is written by
+    orjson with sorted keys, byte for byte what ``json.dumps`` writes, at a third of the
+    cost; anything else, or anything orjson refuses (an integer beyond 64 bits, a lone
+    surrogate), takes the ``json.dumps`` path (``tests/unit/test_body_hash.py`` holds the two
+    to the same bytes and the same refusals).
     """
+    if _plain_json(value):
+        try:
+            return hashlib.sha256(orjson.dumps(value, option=orjson.OPT_SORT_KEYS)).hexdigest()
+        except orjson.JSONEncodeError:
+            pass
     return hashlib.sha256(_canonical_bytes(value)).hexdigest()
+
+
+_PLAIN_SCALARS: Final = frozenset({str, int, bool, type(None)})
+
+
+def _plain_json(value: object) -> bool:
+    """Whether ``value`` is only dicts with ``str`` keys, lists, and str/int/bool/None
+    (exact types, no subclasses): the JSON orjson and ``json.dumps`` write alike."""
+    stack = [value]
+    while stack:
+        node = stack.pop()
+        if type(node) is dict:
+            for key, item in node.items():
+                if type(key) is not str:
+                    return False
+                item_kind = type(item)
+                if item_kind is dict or item_kind is list:
+                    stack.append(item)
+                elif item_kind not in _PLAIN_SCALARS:
+                    return False
+        elif type(node) is list:
+            for item in node:
+                item_kind = type(item)
+                if item_kind is dict or item_kind is list:
+                    stack.append(item)
+                elif item_kind not in _PLAIN_SCALARS:
+                    return False
+        elif type(node) not in _PLAIN_SCALARS:
+            return False
+    return True
