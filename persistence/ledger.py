@@ -7,8 +7,10 @@ rows that announce it commit together or not at all.
 from __future__ import annotations
 
 from collections.abc import Collection
+from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
+from typing import Any, Protocol
 
 from sqlalchemy import Connection, bindparam, func, insert, select, update
 
@@ -83,8 +85,121 @@ SELECT count(*) FROM h
 """
 
 
-def count_sample_rounds(conn: Connection, user_id: str, month: str) -> int:
+class LedgerOutOfStep(RuntimeError):
+    """A deferred ledger write did not find the rows this transaction locked (a bug, never a
+    refusal): the transaction is rolled back, nothing of the command stays."""
+
+
+@dataclass
+class LockedAccount:
+    """An account row this transaction holds ``FOR UPDATE``, kept in step with our moves.
+
+    ``rounds``: month -> the free plan's sample rounds counted in a snapshot that sees every
+    reservation committed before the lock was taken (and this transaction's own)."""
+
+    plan: str
+    balance_cents: int
+    held_cents: int
+    rounds: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class LedgerWrites:
+    """PostgreSQL: the ledger moves of a command, written in the command's one statement.
+
+    Only moves decided on rows this transaction already holds locked are buffered here (a
+    reservation on a :class:`LockedAccount`, the settling of a hold locked open), so their
+    outcome is known before the statement runs; the statement still checks each of them
+    and raises :class:`LedgerOutOfStep` if a row is not as it was locked."""
+
+    # user -> [balance delta, held delta, at, whether the move reserves (funds check)]
+    moves: dict[str, list[Any]] = field(default_factory=dict)
+    new_holds: list[tuple[Any, ...]] = field(default_factory=list)
+    closed_holds: list[tuple[str, str, datetime]] = field(default_factory=list)
+    journal: list[tuple[Any, ...]] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.moves or self.new_holds or self.closed_holds or self.journal)
+
+    def move(self, user_id: str, balance: int, held: int, at: datetime, *,
+             reserves: bool) -> None:
+        earlier = self.moves.get(user_id)
+        if earlier is None:
+            self.moves[user_id] = [balance, held, at, reserves]
+        else:
+            earlier[0] += balance
+            earlier[1] += held
+            earlier[2] = at
+            earlier[3] = earlier[3] or reserves
+
+    def ctes(self, ctes: list[str], params: list[Any],
+             checks: list[tuple[str, int, Exception]]) -> None:
+        """Append this buffer's CTEs, parameters and (CTE, expected count, error) checks."""
+        if self.moves:
+            users = sorted(self.moves)
+            # The accounts are locked in user order first (as the row-by-row path takes
+            # them), so two commands moving credits of the same users never wait crosswise.
+            listed = ", ".join(["%s"] * len(users))
+            ctes.append(f"al AS MATERIALIZED (SELECT user_id FROM accounts WHERE user_id IN "
+                        f"({listed}) ORDER BY user_id FOR UPDATE)")
+            params += users
+            # The list again on the updated table: an index scan whatever the statistics.
+            ctes.append(
+                "am AS (UPDATE accounts SET balance_cents = accounts.balance_cents + v.b, "
+                "held_cents = accounts.held_cents + v.h, updated_at = v.at FROM al JOIN "
+                "(VALUES " + ", ".join(["(%s, %s::bigint, %s::bigint, %s::timestamptz, "
+                                        "%s::boolean)"] * len(users))
+                + ") AS v (uid, b, h, at, chk) ON v.uid = al.user_id "
+                f"WHERE accounts.user_id IN ({listed}) AND accounts.user_id = al.user_id "
+                "AND (NOT v.chk OR accounts.balance_cents + v.b >= accounts.held_cents + v.h) "
+                "RETURNING v.chk)")
+            for user in users:
+                params += [user, *self.moves[user]]
+            params += users
+            reserving = sum(1 for user in users if self.moves[user][3])
+            checks.append(("am WHERE chk", reserving,
+                           LedgerOutOfStep("an account moved under its lock")))
+        if self.new_holds:
+            ctes.append("hi AS (INSERT INTO holds (hold_id, user_id, generation_id, stage, "
+                        "amount_cents, status, month, created_at) VALUES "
+                        + ", ".join(["(%s, %s, %s, %s, %s, 'open', %s, %s)"]
+                                    * len(self.new_holds)) + ")")
+            for row in self.new_holds:
+                params += row
+        if self.closed_holds:
+            ctes.append("hc AS (UPDATE holds SET status = v.st, settled_at = v.at FROM (VALUES "
+                        + ", ".join(["(%s, %s, %s::timestamptz)"] * len(self.closed_holds))
+                        + ") AS v (hid, st, at) WHERE holds.hold_id IN ("
+                        + ", ".join(["%s"] * len(self.closed_holds))
+                        + ") AND holds.hold_id = v.hid AND holds.status = 'open' RETURNING 1)")
+            for row in self.closed_holds:
+                params += row
+            params += [row[0] for row in self.closed_holds]
+            checks.append(("hc", len(self.closed_holds),
+                           LedgerOutOfStep("a hold locked open was not open")))
+        if self.journal:
+            ctes.append("j AS (INSERT INTO journal (user_id, at, kind, balance_delta_cents, "
+                        "held_delta_cents, hold_id, generation_id, reason) VALUES "
+                        + ", ".join(["(%s, %s, %s, %s, %s, %s, %s, %s)"] * len(self.journal))
+                        + ")")
+            for row in self.journal:
+                params += row
+        self.moves, self.new_holds, self.closed_holds, self.journal = {}, [], [], []
+
+
+class Flusher(Protocol):
+    """The unit of work's deferred writes (``persistence.uow.PendingWrites``)."""
+
+    ledger: LedgerWrites
+
+    def flush(self) -> None: ...
+
+
+def count_sample_rounds(conn: Connection, user_id: str, month: str,
+                        writes: Flusher | None = None) -> int:
     """Sample rounds reserved this month and not released (the free plan's quota)."""
+    if writes is not None:
+        writes.flush()  # this transaction's own deferred holds count too
     return int(conn.execute(_COUNT_ROUNDS, {"user_id": user_id, "month": month}).scalar_one())
 
 
@@ -110,8 +225,37 @@ class SqlLedger:
     def __init__(self, conn: Connection) -> None:
         self.conn = conn
         self.one_statement = conn.dialect.name == "postgresql"
+        # PostgreSQL, once the unit of work attached its deferred writes (see attach()).
+        self.writes: Flusher | None = None
+        self.locked: dict[str, LockedAccount | None] = {}  # None: no row when locked
+        self.open_holds: dict[str, tuple[str, int, str]] = {}  # id -> user, cents, saga
+
+    # -- rows the unit of work read and locked ahead (PostgreSQL) -------------------------
+    def attach(self, writes: Flusher) -> None:
+        """Defer the moves decidable on locked rows into ``writes`` (the command's one
+        statement); every other statement of the ledger flushes them first."""
+        self.writes = writes
+
+    def adopt_account(self, user_id: str, account: LockedAccount | None) -> None:
+        """``user_id``'s account row (None: there was none) is locked by this transaction."""
+        self.locked[user_id] = account
+
+    def adopt_open_holds(self, found: list[tuple[str, str, int, str]]) -> None:
+        """These holds (id, user, cents, saga) are open and locked by this transaction, and
+        are all the open holds of their sagas."""
+        for hold_id, user_id, cents, generation_id in found:
+            self.open_holds[hold_id] = (user_id, cents, generation_id)
+
+    def _flush(self) -> None:
+        if self.writes is not None:
+            self.writes.flush()
 
     def account(self, user_id: str, *, lock: bool = False) -> Account | None:
+        if user_id in self.locked:
+            held = self.locked[user_id]
+            return None if held is None else Account(
+                user_id, held.plan, from_cents(held.balance_cents), from_cents(held.held_cents))
+        self._flush()
         row = self.conn.execute(_ACCOUNT_FOR_UPDATE if lock else _ACCOUNT,
                                 {"uid": user_id}).first()
         if row is None:
@@ -120,6 +264,8 @@ class SqlLedger:
                        from_cents(row.held_cents))
 
     def reserve(self, hold: HoldRequest, *, quota: int | None, month: str) -> None:
+        if self.writes is not None and hold.user_id in self.locked:
+            return self._reserve_locked(hold, quota=quota, month=month)
         if self.one_statement:
             return self._reserve_pg(hold, quota=quota, month=month)
         account = self.account(hold.user_id, lock=True)  # serialises one user's reservations
@@ -130,7 +276,35 @@ class SqlLedger:
         self._journal(hold.user_id, hold.at, "reserve", 0, cents, hold.hold_id,
                       hold.generation_id, f"{hold.stage} hold")
 
+    def _reserve_locked(self, hold: HoldRequest, *, quota: int | None, month: str) -> None:
+        """Reserve on an account this transaction holds locked: decided here on its row,
+        written with the command's statement. Refused exactly as the other paths refuse."""
+        assert self.writes is not None
+        held = self.locked[hold.user_id]
+        account = None if held is None else Account(
+            hold.user_id, held.plan, from_cents(held.balance_cents),
+            from_cents(held.held_cents))
+        rounds: int | None = None
+        if quota is not None and held is not None:
+            rounds = held.rounds.get(month)
+            if rounds is None:  # not read with the lock: count now (the lock is ours)
+                rounds = held.rounds[month] = count_sample_rounds(
+                    self.conn, hold.user_id, month, self.writes)
+        self._refuse_if_cannot_hold(account, hold, quota=quota, month=month, rounds=rounds)
+        assert held is not None  # refused above otherwise
+        cents = to_cents(hold.amount)
+        held.held_cents += cents
+        if hold.stage == "samples" and month in held.rounds:
+            held.rounds[month] += 1
+        ledger = self.writes.ledger
+        ledger.move(hold.user_id, 0, cents, hold.at, reserves=True)
+        ledger.new_holds.append((hold.hold_id, hold.user_id, hold.generation_id, hold.stage,
+                                 cents, month, hold.at))
+        ledger.journal.append((hold.user_id, hold.at, "reserve", 0, cents, hold.hold_id,
+                               hold.generation_id, f"{hold.stage} hold"))
+
     def _reserve_pg(self, hold: HoldRequest, *, quota: int | None, month: str) -> None:
+        self._flush()
         cents = to_cents(hold.amount)
         moved = self.conn.exec_driver_sql(_PG_RESERVE, {
             "cents": cents, "at": hold.at, "uid": hold.user_id, "hid": hold.hold_id,
@@ -153,13 +327,17 @@ class SqlLedger:
         raise self._insufficient(account, hold)  # the UPDATE found too little
 
     def _refuse_if_cannot_hold(self, account: Account | None, hold: HoldRequest, *,
-                               quota: int | None, month: str) -> None:
+                               quota: int | None, month: str, rounds: int | None = None
+                               ) -> None:
         """Raise the refusal a reservation gets: no account, the free plan's quota reached,
-        or too little available (checked in that order)."""
+        or too little available (checked in that order). ``rounds``: the month's sample
+        rounds when already counted under the account's lock."""
         if account is None:
             raise InsufficientCredits(f"account {hold.user_id} has no credits",
                                       required=str(money(hold.amount)), available="0.00")
-        if quota is not None and count_sample_rounds(self.conn, hold.user_id, month) >= quota:
+        if quota is not None and rounds is None:
+            rounds = count_sample_rounds(self.conn, hold.user_id, month)
+        if quota is not None and rounds is not None and rounds >= quota:
             raise QuotaExceeded(f"the free plan allows {quota} sample rounds per month",
                                 limit=quota, month=month)
         if account.available < hold.amount:
@@ -175,13 +353,19 @@ class SqlLedger:
         return None
 
     def abandon(self) -> None:
-        return None  # everything we did was inside the rolled-back transaction
+        # Everything we did was inside the rolled-back transaction; so were the locks.
+        self.locked.clear()
+        self.open_holds.clear()
 
     def commit_sent(self, hold_ids: Collection[str]) -> set[str]:
         return set()  # a commit is settled in our own transaction: never in flight
 
     def settle(self, hold_id: str, *, commit: bool, at: datetime) -> bool:
+        if self.writes is not None and hold_id in self.open_holds:
+            self._settle_locked(hold_id, commit=commit, at=at)
+            return True
         if self.one_statement:
+            self._flush()
             return bool(self.conn.exec_driver_sql(_PG_SETTLE, {
                 "status": "committed" if commit else "released", "at": at, "hid": hold_id,
                 "commit": 1 if commit else 0, "kind": "commit" if commit else "release",
@@ -196,7 +380,27 @@ class SqlLedger:
                       hold_id, generation_id, None)
         return True
 
+    def _settle_locked(self, hold_id: str, *, commit: bool, at: datetime) -> None:
+        """Settle a hold this transaction holds locked open: written with the command's
+        statement, exactly the rows :data:`_PG_SETTLE` writes."""
+        assert self.writes is not None
+        user_id, cents, generation_id = self.open_holds.pop(hold_id)
+        balance_delta = -cents if commit else 0
+        held = self.locked.get(user_id)
+        if held is not None:
+            held.balance_cents += balance_delta
+            held.held_cents -= cents
+            if not commit:
+                held.rounds.clear()  # a released round no longer counts: count again
+        ledger = self.writes.ledger
+        ledger.move(user_id, balance_delta, -cents, at, reserves=False)
+        ledger.closed_holds.append((hold_id, "committed" if commit else "released", at))
+        ledger.journal.append((user_id, at, "commit" if commit else "release", balance_delta,
+                               -cents, hold_id, generation_id, None))
+
     def set_plan(self, user_id: str, plan: str, at: datetime) -> Account:
+        self._flush()
+        self.locked.pop(user_id, None)
         self._create(user_id, plan, at)
         self.conn.execute(update(accounts).where(accounts.c.user_id == user_id)
                           .values(plan=plan, updated_at=at))
@@ -205,6 +409,8 @@ class SqlLedger:
         return account
 
     def grant(self, user_id: str, amount: Decimal, reason: str, at: datetime) -> Account:
+        self._flush()
+        self.locked.pop(user_id, None)
         self._create(user_id, "free", at)
         cents = to_cents(amount)
         self._move(user_id, cents, 0, at)

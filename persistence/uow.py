@@ -7,8 +7,9 @@ one-statement write path share one connection and one transaction's story.
 from __future__ import annotations
 
 from collections.abc import Callable
-from datetime import datetime
+from datetime import UTC, datetime
 from decimal import Decimal
+from types import SimpleNamespace
 from typing import Any
 
 from sqlalchemy import Connection, Engine, and_, bindparam, insert, or_, select, update
@@ -20,7 +21,7 @@ from persistence.attention import (
     unpark_row,
 )
 from persistence.dead_letters import SqlDeadLetters
-from persistence.ledger import SqlLedger
+from persistence.ledger import LedgerWrites, LockedAccount, SqlLedger
 from persistence.sql import insert_ignore, json_dumps
 from persistence.tables import generation_events, generations, idempotency_keys, inbox, outbox
 from saga import intents as it
@@ -38,6 +39,7 @@ from saga.ports import (
     IdempotencyStore,
     Inbox,
     Outbox,
+    Prefetch,
 )
 from saga.values import Compensation, Hold, SagaError
 
@@ -125,6 +127,46 @@ _CLAIM_DUE = (select(generations.c.id)
               .order_by(generations.c.due_at).limit(1).with_for_update(skip_locked=True))
 
 
+# PostgreSQL statements sent with exec_driver_sql read rows without SQLAlchemy's column
+# types: these columns come back as psycopg2 makes them and are normalised as UTCDateTime
+# does (JSONB is decoded by the engine's json_deserializer, registered with psycopg2).
+_GEN_READ = ("id", "user_id", "state", "version", "created_at", "updated_at", "due_at", "body",
+             "attention_reason", "attention_kind", "attention_since")
+_GEN_TIMES = frozenset(("created_at", "updated_at", "due_at", "attention_since"))
+_GEN_SELECT = ", ".join(_GEN_READ)
+
+
+def _driver_row(values: Any, prefix: str = "") -> SimpleNamespace:
+    """A generations row read with exec_driver_sql, shaped as saga_from_row wants it."""
+    row = {}
+    for name in _GEN_READ:
+        value = getattr(values, prefix + name)
+        if name in _GEN_TIMES and value is not None:
+            value = value.astimezone(UTC)
+        row[name] = value
+    return SimpleNamespace(**row)
+
+
+def _get_many_with_holds(n: int) -> str:
+    """Lock ``n`` sagas in id order and, with them, the open holds of those whose row did
+    not move on between the statement's snapshot and its lock (``fresh``): every hold of a
+    saga is made by a transaction that holds the saga's lock and writes its row, so for a
+    fresh saga the snapshot shows all of its holds. The holds are locked too, so a command
+    that settles one knows now that it is open and can write the settling with its saga."""
+    ids = ", ".join(["%s"] * n)
+    return (f"WITH g AS MATERIALIZED (SELECT {_GEN_SELECT}, ctid AS t FROM generations "
+            f"WHERE id IN ({ids}) ORDER BY id FOR UPDATE), "
+            f"gs AS (SELECT id, ctid AS t FROM generations WHERE id IN ({ids})), "
+            # The ids listed again: an index scan on holds whatever the statistics say.
+            "h AS MATERIALIZED (SELECT hold_id, generation_id, user_id, amount_cents "
+            f"FROM holds WHERE generation_id IN ({ids}) AND generation_id IN "
+            "(SELECT id FROM g) AND status = 'open' ORDER BY hold_id FOR UPDATE) "
+            f"SELECT {', '.join('g.' + c for c in _GEN_READ)}, g.t = gs.t AS fresh, "
+            "(SELECT json_agg(json_build_array(h.hold_id, h.user_id, h.amount_cents)) "
+            "FROM h WHERE h.generation_id = g.id) AS open_holds "
+            "FROM g LEFT JOIN gs ON gs.id = g.id ORDER BY g.id")
+
+
 class SqlGenerations:
     """Sagas by id. On PostgreSQL ``add``/``save`` are deferred to the unit of work's flush.
 
@@ -133,15 +175,22 @@ class SqlGenerations:
     flush raises :class:`ConcurrencyConflict` before the commit. Reads flush first.
     """
 
-    def __init__(self, conn: Connection, writes: PendingWrites | None = None) -> None:
+    def __init__(self, conn: Connection, writes: PendingWrites | None = None,
+                 ledger: SqlLedger | None = None) -> None:
         self.conn = conn
         self.writes = writes
+        # PostgreSQL with the built-in ledger: get_many also locks the sagas' open holds.
+        self.ledger = ledger
+        self.prefetched: dict[str, Any] = {}  # id -> row (None: absent), read and locked
 
     def get(self, generation_id: str, *, for_update: bool = False) -> Generation | None:
-        if self.writes is not None:
-            self.writes.flush()
-        row = self.conn.execute(_GET_FOR_UPDATE if for_update else _GET,
-                                {"gid": generation_id}).first()
+        if generation_id in self.prefetched:  # read and locked by the unit of work's prefetch
+            row = self.prefetched.pop(generation_id)
+        else:
+            if self.writes is not None:
+                self.writes.flush()
+            row = self.conn.execute(_GET_FOR_UPDATE if for_update else _GET,
+                                    {"gid": generation_id}).first()
         if row is None:
             return None
         try:
@@ -153,16 +202,36 @@ class SqlGenerations:
                  ) -> dict[str, Generation]:
         if self.writes is not None:
             self.writes.flush()
+        ids = sorted(set(generation_ids))
+        if for_update and self.ledger is not None and ids:
+            return self._get_many_with_holds(ids, self.ledger)
         found: dict[str, Generation] = {}
         for row in self.conn.execute(_GET_MANY_FOR_UPDATE if for_update else _GET_MANY,
-                                     {"gids": sorted(set(generation_ids))}):
+                                     {"gids": ids}):
             try:
                 found[row.id] = saga_from_row(row)
             except _LOAD_ERRORS as exc:
                 raise UnloadableSaga(row.id, f"{type(exc).__name__}: {exc}") from exc
         return found
 
+    def _get_many_with_holds(self, ids: list[str], ledger: SqlLedger) -> dict[str, Generation]:
+        found: dict[str, Generation] = {}
+        held: list[tuple[str, str, int, str]] = []
+        for values in self.conn.exec_driver_sql(_get_many_with_holds(len(ids)),
+                                                tuple(ids * 3)):
+            row = _driver_row(values)
+            try:
+                found[row.id] = saga_from_row(row)
+            except _LOAD_ERRORS as exc:
+                raise UnloadableSaga(row.id, f"{type(exc).__name__}: {exc}") from exc
+            if values.fresh:  # a saga that moved on meanwhile: its holds settle one by one
+                held += [(hold_id, user_id, cents, row.id)
+                         for hold_id, user_id, cents in values.open_holds or ()]
+        ledger.adopt_open_holds(held)
+        return found
+
     def add(self, saga: Generation) -> None:
+        self.prefetched.pop(saga.id, None)
         if self.writes is not None:
             self.writes.saga(saga, insert=True)
         else:
@@ -170,6 +239,7 @@ class SqlGenerations:
         saga.version = 0
 
     def save(self, saga: Generation) -> None:
+        self.prefetched.pop(saga.id, None)
         if self.writes is not None:
             self.writes.saga(saga, insert=False)
             saga.version += 1
@@ -338,14 +408,19 @@ class SqlIdempotency:
     def __init__(self, conn: Connection, writes: PendingWrites | None = None) -> None:
         self.conn = conn
         self.writes = writes
+        self.prefetched: dict[tuple[str, str], tuple[str, int, Any] | None] = {}
 
     def get(self, record: IdempotencyRecord) -> tuple[str, int, Any] | None:
+        key = (record.scope, record.key)
+        if key in self.prefetched:  # read by the unit of work's prefetch
+            return self.prefetched.pop(key)
         if self.writes is not None:
             self.writes.flush()
         row = self.conn.execute(_GET_KEY, {"scope": record.scope, "key": record.key}).first()
         return (row.request_hash, row.status, row.body) if row else None
 
     def put(self, record: IdempotencyRecord, status: int, body: Any, at: datetime) -> None:
+        self.prefetched.pop((record.scope, record.key), None)
         if self.writes is not None:
             self.writes.idempotency(record, status, body, at)
             return
@@ -383,6 +458,7 @@ class PendingWrites:
         # saga id -> (insert?, expected version, values)
         self.sagas: dict[str, tuple[bool, int, tuple[Any, ...]]] = {}
         self.keys: list[tuple[IdempotencyRecord, tuple[Any, ...]]] = []
+        self.ledger = LedgerWrites()  # the built-in ledger's moves on locked rows
 
     def saga(self, saga: Generation, *, insert: bool) -> None:
         row = saga_to_row(saga)
@@ -402,11 +478,12 @@ class PendingWrites:
                                    json_dumps(body), at)))
 
     def flush(self) -> None:
-        if not (self.sagas or self.history.pending or self.outbox.pending or self.keys):
+        if not (self.sagas or self.history.pending or self.outbox.pending or self.keys
+                or self.ledger):
             return
         ctes: list[str] = []
         params: list[Any] = []
-        checks: list[tuple[str, Exception]] = []
+        checks: list[tuple[str, int, Exception]] = []  # CTE, rows it must return, error
         for n, (saga_id, (is_new, expected, v)) in enumerate(self.sagas.items()):
             state, version, updated_at, due_at, body, _id, user_id, created_at = v
             if is_new:
@@ -419,7 +496,7 @@ class PendingWrites:
                             "updated_at = %s, due_at = %s, body = %s::jsonb "
                             "WHERE id = %s AND version = %s RETURNING 1)")
                 params += [state, version, updated_at, due_at, body, saga_id, expected]
-            checks.append((f"g{n}", ConcurrencyConflict(saga_id)))
+            checks.append((f"g{n}", 1, ConcurrencyConflict(saga_id)))
         if self.history.pending:
             ctes.append(f"e AS (INSERT INTO generation_events ({_EVENT_COLS}) VALUES "
                         + ", ".join([_EVENT_ROW] * len(self.history.pending)) + ")")
@@ -434,21 +511,77 @@ class PendingWrites:
                 params += [o["exchange"], o["routing_key"], o["message_id"],
                            o["correlation_id"], o["type"], o["body"], o["created_at"],
                            o["traceparent"]]
+        self.ledger.ctes(ctes, params, checks)
         for n, (record, values) in enumerate(self.keys):
             ctes.append(f'k{n} AS (INSERT INTO idempotency_keys (scope, "key", request_hash, '
                         "status, body, created_at) VALUES (%s, %s, %s, %s, %s::jsonb, %s) "
                         "ON CONFLICT DO NOTHING RETURNING 1)")
             params += values
-            checks.append((f"k{n}", IdempotencyRace(record.key)))
+            checks.append((f"k{n}", 1, IdempotencyRace(record.key)))
         self.sagas, self.keys = {}, []
         self.history.pending, self.outbox.pending = [], []
-        select_list = ", ".join(f"(SELECT count(*) FROM {name})" for name, _ in checks)
+        select_list = ", ".join(f"(SELECT count(*) FROM {name})" for name, _, _ in checks)
         row = self.conn.exec_driver_sql(
             "WITH " + ", ".join(ctes) + " SELECT " + (select_list or "1"), tuple(params)
         ).one()
-        for (_, error), count in zip(checks, row, strict=False):
-            if count != 1:
+        for (_, expected, error), count in zip(checks, row, strict=False):
+            if count != expected:
                 raise error
+
+
+def _prefetch_statement(what: Prefetch, *, accounts: bool
+                        ) -> tuple[str | None, dict[str, Any]]:
+    """One SELECT for what a command reads first: its stored response (``k_*``), its saga
+    locked (``g_*``), then the account it moves credits on locked (``a_*``) and the month's
+    sample rounds (``r_n``).
+
+    The round count is read in the statement's snapshot, which may predate the account's
+    lock when that lock had to wait. Every change of a user's holds also writes their
+    account row (in the transaction that holds its lock), so when the locked row version is
+    the one the snapshot sees (``a_fresh``: same ``ctid``), no such change committed in
+    between and the count is the one a statement after the lock would give; otherwise it is
+    not used (the reservation counts again, under the lock).
+    """
+    ctes: list[str] = []
+    cols: list[str] = []
+    joins: list[str] = []
+    params: dict[str, Any] = {}
+    if what.idempotency is not None:
+        ctes.append('k AS (SELECT request_hash, status, body FROM idempotency_keys '
+                    'WHERE scope = %(scope)s AND "key" = %(key)s)')
+        cols += ["k.request_hash AS k_hash", "k.status AS k_status", "k.body AS k_body"]
+        joins.append("LEFT JOIN k ON true")
+        params.update(scope=what.idempotency.scope, key=what.idempotency.key)
+    owner: str | None = None
+    if what.generation_id is not None:
+        ctes.append(f"g AS MATERIALIZED (SELECT {_GEN_SELECT} FROM generations "
+                    "WHERE id = %(gid)s FOR UPDATE)")
+        cols += [f"g.{c} AS g_{c}" for c in _GEN_READ]
+        joins.append("LEFT JOIN g ON true")
+        params["gid"] = what.generation_id
+        if what.owner_account:
+            owner = "(SELECT user_id FROM g)"  # locked after the saga, as elsewhere
+    if what.user_id is not None:
+        owner = "%(uid)s"
+        params["uid"] = what.user_id
+    if accounts and owner is not None:
+        ctes.append("a AS MATERIALIZED (SELECT user_id, plan, balance_cents, held_cents, "
+                    f"ctid AS t FROM accounts WHERE user_id = {owner} FOR UPDATE)")
+        ctes.append(f"s AS (SELECT ctid AS t FROM accounts WHERE user_id = {owner})")
+        cols += ["a.user_id AS a_user", "a.plan AS a_plan", "a.balance_cents AS a_balance",
+                 "a.held_cents AS a_held", "a.t = s.t AS a_fresh"]
+        joins += ["LEFT JOIN a ON true", "LEFT JOIN s ON true"]
+        if what.rounds_month is not None:
+            ctes.append("r AS (SELECT count(*) AS n FROM holds WHERE user_id = "
+                        f"{owner} AND stage = 'samples' AND month = %(month)s "
+                        "AND status <> 'released')")
+            cols.append("r.n AS r_n")
+            joins.append("CROSS JOIN r")
+            params["month"] = what.rounds_month
+    if not ctes:
+        return None, params
+    return ("WITH " + ", ".join(ctes) + " SELECT " + ", ".join(cols)
+            + " FROM (SELECT 1) AS one " + " ".join(joins)), params
 
 
 class SqlUnitOfWork:
@@ -470,15 +603,50 @@ class SqlUnitOfWork:
         self._writes = (PendingWrites(self.conn, self._history, self._outbox)
                         if self.conn.dialect.name == "postgresql" else None)
         self._history.writes = self._writes
+        billing = self.billing_factory(self.conn)
+        # PostgreSQL and the built-in ledger: moves on rows this transaction locked are
+        # written with the command's statement too.
+        self._ledger = (billing if self._writes is not None and isinstance(billing, SqlLedger)
+                        else None)
+        if self._ledger is not None and self._writes is not None:
+            self._ledger.attach(self._writes)
+        self._generations = SqlGenerations(self.conn, self._writes, self._ledger)
+        self._idempotency = SqlIdempotency(self.conn, self._writes)
         # Annotated with the ports: the protocol's attributes are invariant.
-        self.generations: GenerationRepository = SqlGenerations(self.conn, self._writes)
+        self.generations: GenerationRepository = self._generations
         self.history: HistoryRepository = self._history
         self.outbox: Outbox = self._outbox
         self.inbox: Inbox = SqlInbox(self.conn)
-        self.idempotency: IdempotencyStore = SqlIdempotency(self.conn, self._writes)
-        self.billing: Billing = self.billing_factory(self.conn)
+        self.idempotency: IdempotencyStore = self._idempotency
+        self.billing: Billing = billing
         self.dead_letters: DeadLetterStore = SqlDeadLetters(self.conn)
         return self
+
+    def prefetch(self, what: Prefetch) -> None:
+        """PostgreSQL: read (and lock) what the command names in one statement; the
+        repositories then answer those reads from it. SQLite reads row by row."""
+        if self._writes is None:
+            return
+        sql, params = _prefetch_statement(what, accounts=self._ledger is not None)
+        if sql is None:
+            return
+        row = self.conn.exec_driver_sql(sql, params).one()
+        if what.idempotency is not None:
+            record = what.idempotency
+            self._idempotency.prefetched[record.scope, record.key] = (
+                None if row.k_status is None else (row.k_hash, row.k_status, row.k_body))
+        owner = what.user_id
+        if what.generation_id is not None:
+            found = row.g_id is not None
+            self._generations.prefetched[what.generation_id] = (
+                _driver_row(row, "g_") if found else None)
+            if owner is None and found and what.owner_account:
+                owner = row.g_user_id
+        if self._ledger is not None and owner is not None:
+            rounds = ({what.rounds_month: int(row.r_n)}
+                      if what.rounds_month is not None and row.a_fresh else {})
+            self._ledger.adopt_account(owner, None if row.a_user is None else LockedAccount(
+                row.a_plan, int(row.a_balance), int(row.a_held), rounds))
 
     def __exit__(self, *exc: object) -> None:
         try:

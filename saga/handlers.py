@@ -44,8 +44,8 @@ from saga.failures import FAILURE_LOG
 from saga.input_policy import check_asset_format, check_result_url, check_sample_id
 from saga.machine import MACHINE
 from saga.model import Generation, new_id
-from saga.ports import AlreadyAnswered, IdempotencyRecord, UnitOfWork
-from saga.pricing import PLANS, ZERO, Resolution, fmt, money
+from saga.ports import AlreadyAnswered, IdempotencyRecord, Prefetch, UnitOfWork
+from saga.pricing import PLANS, ZERO, Resolution, fmt, money, month_key
 from saga.retry import classify
 from saga.views import account_view, generation_view
 
@@ -59,17 +59,22 @@ UNSAFE_RESULT = "unsafe_result"
 
 # ------------------------------------------------------------------ idempotency
 def idempotent(ctx: Context, idem: IdempotencyRecord | None, status: int,
-               work: Callable[[UnitOfWork, datetime], View]) -> View:
+               work: Callable[[UnitOfWork, datetime], View],
+               reads: Callable[[datetime], Prefetch] | None = None) -> View:
     """Run ``work`` in one unit of work that also stores its response under ``idem``.
 
-    The stored-response check runs inside the same transaction (one round trip); a key that
-    already has an answer raises :class:`AlreadyAnswered` and changes nothing. Retried when
-    another writer moved the saga on meanwhile.
+    The stored-response check runs inside the same transaction; a key that already has an
+    answer raises :class:`AlreadyAnswered` and changes nothing. ``reads``: what ``work``
+    will read (with the stored response), handed to the unit of work up front so it can
+    read all of it in one round trip. Retried when another writer moved the saga on
+    meanwhile.
     """
 
     def attempt() -> View:
         now = ctx.clock()
         with ctx.uow_factory() as uow:
+            if reads is not None:
+                uow.prefetch(reads(now))
             if idem is not None:
                 stored = uow.idempotency.get(idem)
                 if stored is not None:
@@ -110,7 +115,14 @@ def start_generation(ctx: Context, cmd: StartGeneration,
                    "odoo", now, plan=plan)
         return generation_view(saga)
 
-    return idempotent(ctx, idem, 202, work)
+    # The stored response, the account (locked: the start reserves on it) and the month's
+    # sample rounds (the free plan's quota) in one read.
+    return idempotent(ctx, idem, 202, work, lambda now: Prefetch(
+        idempotency=idem, user_id=cmd.user_id, rounds_month=_month(now)))
+
+
+def _month(now: datetime) -> str:
+    return month_key(now.year, now.month)
 
 
 def select_sample(ctx: Context, cmd: SelectSample,
@@ -123,7 +135,7 @@ def select_sample(ctx: Context, cmd: SelectSample,
             price=ctx.config.prices.price(plan, "final", resolution),
             detail={"sample_id": cmd.sample_id, "resolution": cmd.resolution})
 
-    return _steer(ctx, cmd.generation_id, "select", payload, idem, 202)
+    return _steer(ctx, cmd.generation_id, "select", payload, idem, 202, reserves="final")
 
 
 def regenerate(ctx: Context, cmd: Regenerate, idem: IdempotencyRecord | None = None) -> View:
@@ -133,7 +145,8 @@ def regenerate(ctx: Context, cmd: Regenerate, idem: IdempotencyRecord | None = N
                                    prompt=cmd.prompt,
                                    detail={"new_prompt": cmd.prompt is not None})
 
-    return _steer(ctx, cmd.generation_id, "regenerate", payload, idem, 202)
+    return _steer(ctx, cmd.generation_id, "regenerate", payload, idem, 202,
+                  reserves="samples")
 
 
 def cancel(ctx: Context, cmd: Cancel, idem: IdempotencyRecord | None = None) -> View:
@@ -145,8 +158,11 @@ def cancel(ctx: Context, cmd: Cancel, idem: IdempotencyRecord | None = None) -> 
 
 def _steer(ctx: Context, generation_id: str, trigger: str,
            payload: Callable[[UnitOfWork, Generation], tuple[str | None, tg.Trigger]],
-           idem: IdempotencyRecord | None, status: int) -> View:
-    """An Odoo command on an existing saga; a refusal is recorded in its history."""
+           idem: IdempotencyRecord | None, status: int, reserves: str | None = None) -> View:
+    """An Odoo command on an existing saga; a refusal is recorded in its history.
+
+    ``reserves``: the stage the command reserves credits for, if any; its owner's account
+    is then read (and locked, after the saga) with the saga and the stored response."""
 
     def work(uow: UnitOfWork, now: datetime) -> View:
         saga = uow.generations.get(generation_id, for_update=True)
@@ -157,8 +173,13 @@ def _steer(ctx: Context, generation_id: str, trigger: str,
             raise InvalidState(f"cannot {trigger} this generation now", state=saga.state)
         return generation_view(saga)
 
+    def reads(now: datetime) -> Prefetch:
+        return Prefetch(idempotency=idem, generation_id=generation_id,
+                        owner_account=reserves is not None,
+                        rounds_month=_month(now) if reserves == "samples" else None)
+
     try:
-        return idempotent(ctx, idem, status, work)
+        return idempotent(ctx, idem, status, work, reads)
     except DomainError as exc:
         # An unreadable saga cannot be loaded to note the refusal in: the 409 says it all.
         if not isinstance(exc, NotFound | GenerationUnreadable):

@@ -35,6 +35,25 @@ class IdempotencyRecord:
 
 
 @dataclass(frozen=True)
+class Prefetch:
+    """What a command is about to read, named up front so a unit of work can read it all in
+    one round trip. A hint only: the repositories answer the same whether it was taken or
+    not (PostgreSQL takes it; SQLite and the fakes read row by row when asked).
+
+    ``generation_id`` is locked (``FOR UPDATE``) as ``generations.get(…, for_update=True)``
+    does; an account named here (``user_id``, or the saga's owner with ``owner_account``)
+    is locked too, after the saga, because the command is about to move credits on it.
+    ``rounds_month``: the free plan's sample rounds of that month are wanted as well.
+    """
+
+    idempotency: IdempotencyRecord | None = None
+    generation_id: str | None = None
+    user_id: str | None = None
+    owner_account: bool = False
+    rounds_month: str | None = None
+
+
+@dataclass(frozen=True)
 class HoldRequest:
     hold_id: str
     user_id: str
@@ -161,6 +180,9 @@ class UnitOfWork(Protocol):
     def __enter__(self) -> Self: ...
 
     def __exit__(self, *exc: object) -> None: ...
+
+    def prefetch(self, what: Prefetch) -> None:
+        """Read (and lock) what ``what`` names ahead of the command's own reads; a hint."""
 
     def commit(self) -> None: ...
 

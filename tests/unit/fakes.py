@@ -30,6 +30,7 @@ from saga.ports import (
     IdempotencyStore,
     Inbox,
     Outbox,
+    Prefetch,
 )
 
 
@@ -267,6 +268,9 @@ class FakeUnitOfWork:
 
     def __exit__(self, *exc: object) -> None:
         self.rollback()
+
+    def prefetch(self, what: Prefetch) -> None:
+        return None  # a hint: the fakes read row by row when asked
 
     def commit(self) -> None:
         for name, value in vars(self.store).items():
