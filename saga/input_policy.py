@@ -41,6 +41,7 @@ import unicodedata
 from collections.abc import Iterable
 from dataclasses import dataclass
 from decimal import Decimal
+from functools import lru_cache
 from typing import Any, Final
 from urllib.parse import urlsplit
 
@@ -50,6 +51,8 @@ import orjson
 # ------------------------------------------------------------------ URLs
 MAX_URL_LENGTH: Final = 2048
 ODOO_URL_SCHEMES: Final = frozenset({"http", "https", "s3"})
+_RESULT_SCHEMES: Final = frozenset({"s3", "https"})
+_RESULT_SCHEMES_HTTP: Final = frozenset({"s3", "https", "http"})
 
 _SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:")
 # Fast path for ASCII URLs: C0 controls, space, DEL and the backslash.
@@ -140,8 +143,10 @@ def _unsafe_char(text: str) -> str | None:
     return f"contains U+{ord(char):04X} (a control, format or white-space character)"
 
 
-def _parse_url(url: object, schemes: Iterable[str]) -> _Url | str:
-    """The checks common to every URL: syntax, scheme, user-info, host spelling, port."""
+def _split_url(url: object, schemes: frozenset[str]) -> tuple[str, str] | str:
+    """The checks on the whole URL (type, length, characters, scheme, ``//``); then its
+    lower-case scheme and its authority (``netloc``: what follows ``//`` up to the first
+    ``/``, ``?`` or ``#``, exactly what ``urlsplit`` returns once these checks passed)."""
     if not isinstance(url, str):
         return "must be a string"
     if len(url) > MAX_URL_LENGTH:
@@ -149,17 +154,41 @@ def _parse_url(url: object, schemes: Iterable[str]) -> _Url | str:
     unsafe = _unsafe_char(url)
     if unsafe is not None:
         return unsafe
-    allowed = sorted(schemes)
     scheme_match = _SCHEME.match(url)
     scheme = scheme_match.group()[:-1].lower() if scheme_match else ""
-    if scheme not in allowed:
+    if scheme not in schemes:
+        allowed = sorted(schemes)
         shown = f"scheme {scheme[:16]!r}" if scheme else "a URL without a scheme"
         return f"{shown} is not allowed (only {', '.join(s + '://' for s in allowed)})"
-    rest = url[len(scheme) + 1:]
-    if not rest.startswith("//") or rest.startswith("///"):
+    start = len(scheme) + 3
+    if url[start - 2:start] != "//" or url[start:start + 1] == "/":
         return "must be an absolute URL with a host (scheme://host/...)"
+    end = len(url)
+    for delimiter in "/?#":
+        found = url.find(delimiter, start, end)
+        if found >= 0:
+            end = found
+    return scheme, url[start:end]
+
+
+# How many distinct (scheme, authority) pairs each cache keeps: results name a handful of
+# buckets and hosts; anything beyond that is only parsed again (the caches stay bounded).
+_AUTHORITY_CACHE = 1024
+
+
+@lru_cache(maxsize=_AUTHORITY_CACHE)
+def _parse_authority(scheme: str, netloc: str) -> _Url | str:
+    """The checks on the authority: user-info, host spelling, port, the WHATWG parse.
+
+    A pure function of the scheme and the authority: behind the checks of :func:`_split_url`
+    (no white space, controls or backslashes anywhere), the rest of a URL (path, query,
+    fragment) can neither make ``urlsplit`` or ada refuse it nor change the host either of
+    them reads; so each is parsed once as ``scheme://netloc/`` and the answer is cached.
+    ``tests/unit/test_url_policy_cache.py`` holds this to the uncached whole-URL parse.
+    """
+    authority = f"{scheme}://{netloc}/"
     try:
-        netloc = urlsplit(url).netloc
+        urlsplit(authority)  # refuses unbalanced brackets, an IPv4 or bad IPv6 in them, ...
     except ValueError:
         return "is not a valid URL"
     if "@" in netloc:
@@ -189,7 +218,7 @@ def _parse_url(url: object, schemes: Iterable[str]) -> _Url | str:
     elif _HOST_NAME_CHARS.fullmatch(lower) is None:
         return "host has characters a host name cannot have"
     try:
-        parsed = ada_url.URL(url)
+        parsed = ada_url.URL(authority)
     except ValueError:
         return "is not a valid URL"
     if parsed.protocol != scheme + ":" or parsed.username or parsed.password:
@@ -303,14 +332,15 @@ def check_odoo_url(url: object, allowed_hosts: Iterable[str] = ()) -> str | None
     A host in ``allowed_hosts`` (compared exactly, case-insensitively, IPv6 with or without
     brackets) skips the address and name rules; the syntax rules still apply.
     """
-    parsed = _parse_url(url, ODOO_URL_SCHEMES)
+    split = _split_url(url, ODOO_URL_SCHEMES)
+    if isinstance(split, str):
+        return split
+    parsed = _parse_authority(*split)
     if isinstance(parsed, str):
         return parsed
     if _allow_key(parsed.host) in {_allow_key(h) for h in allowed_hosts}:
         return None
-    if parsed.scheme == "s3":
-        return _bucket_reason(parsed.written_host)
-    return _host_reason(parsed, internal_ok=False)
+    return _authority_reason(*split, False)
 
 
 def check_result_url(url: object, allow_http: bool = False) -> str | None:
@@ -324,13 +354,22 @@ def check_result_url(url: object, allow_http: bool = False) -> str | None:
     ``localhost`` in the embedded mode) often is one, and the web app, not this service, loads
     these URLs.
     """
-    schemes = {"s3", "https", "http"} if allow_http else {"s3", "https"}
-    parsed = _parse_url(url, schemes)
+    split = _split_url(url, _RESULT_SCHEMES_HTTP if allow_http else _RESULT_SCHEMES)
+    if isinstance(split, str):
+        return split
+    return _authority_reason(*split, True)
+
+
+@lru_cache(maxsize=_AUTHORITY_CACHE)
+def _authority_reason(scheme: str, netloc: str, internal_ok: bool) -> str | None:
+    """Why a URL with this scheme and authority is refused (allow-list aside), or ``None``:
+    pure, so cached like :func:`_parse_authority`."""
+    parsed = _parse_authority(scheme, netloc)
     if isinstance(parsed, str):
         return parsed
     if parsed.scheme == "s3":
         return _bucket_reason(parsed.written_host)
-    return _host_reason(parsed, internal_ok=True)
+    return _host_reason(parsed, internal_ok=internal_ok)
 
 
 # ------------------------------------------------------------------ ids and tokens
@@ -624,5 +663,47 @@ def validated_body_hash(value: object) -> str:
     models' own shallow defaults), its keys field names or JSON object keys. So the depth and
     key checks of :func:`canonical_json` cannot fail (they were about 8 % of the event loop's
     samples in the bench's profile). Anything else goes through :func:`body_hash`.
+
+    A tree of only dicts (string keys), lists, strings, integers, booleans and ``None`` — no
+    floats, whose text orjson spells differently (``1e16`` for ``1e+16``) — is written by
+    orjson with sorted keys, byte for byte what ``json.dumps`` writes, at a third of the
+    cost; anything else, or anything orjson refuses (an integer beyond 64 bits, a lone
+    surrogate), takes the ``json.dumps`` path (``tests/unit/test_body_hash.py`` holds the two
+    to the same bytes and the same refusals).
     """
+    if _plain_json(value):
+        try:
+            return hashlib.sha256(orjson.dumps(value, option=orjson.OPT_SORT_KEYS)).hexdigest()
+        except orjson.JSONEncodeError:
+            pass
     return hashlib.sha256(_canonical_bytes(value)).hexdigest()
+
+
+_PLAIN_SCALARS: Final = frozenset({str, int, bool, type(None)})
+
+
+def _plain_json(value: object) -> bool:
+    """Whether ``value`` is only dicts with ``str`` keys, lists, and str/int/bool/None
+    (exact types, no subclasses): the JSON orjson and ``json.dumps`` write alike."""
+    stack = [value]
+    while stack:
+        node = stack.pop()
+        if type(node) is dict:
+            for key, item in node.items():
+                if type(key) is not str:
+                    return False
+                item_kind = type(item)
+                if item_kind is dict or item_kind is list:
+                    stack.append(item)
+                elif item_kind not in _PLAIN_SCALARS:
+                    return False
+        elif type(node) is list:
+            for item in node:
+                item_kind = type(item)
+                if item_kind is dict or item_kind is list:
+                    stack.append(item)
+                elif item_kind not in _PLAIN_SCALARS:
+                    return False
+        elif type(node) not in _PLAIN_SCALARS:
+            return False
+    return True

@@ -5,7 +5,8 @@ automatic ``to_<state>()`` triggers would let callers skip guarded transitions).
 decorating every loaded saga with per-instance trigger methods (``add_model``), :func:`fire`
 hands the saga to the shared :class:`transitions.Event` directly: the library resolves state
 and callbacks from the model passed in, so there is no shared model list to mutate and firing
-is safe from many threads at once.
+is safe from many threads at once. The machine is a :class:`SagaMachine`: a plain ``Machine``
+whose ``get_triggers`` of one state comes from a table instead of a scan of every event.
 """
 
 from __future__ import annotations
@@ -80,7 +81,42 @@ TRANSITIONS: list[dict[str, Any]] = [
     ],
 ]
 
-MACHINE = Machine(
+class SagaMachine(Machine):
+    """A :class:`transitions.Machine` that answers :meth:`get_triggers` of one state from a
+    table instead of scanning every event's transitions on each call (~5 us; a result asks
+    twice). The table is rebuilt whenever a transition is added or removed, so it always
+    says what the scan would; firing itself is the library's own."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._triggers_from: dict[str, tuple[str, ...]] = {}
+        super().__init__(*args, **kwargs)
+
+    def add_transition(self, *args: Any, **kwargs: Any) -> None:
+        self._triggers_from = {}
+        super().add_transition(*args, **kwargs)
+        self._triggers_from = {}
+
+    def remove_transition(self, *args: Any, **kwargs: Any) -> None:
+        self._triggers_from = {}
+        super().remove_transition(*args, **kwargs)
+        self._triggers_from = {}
+
+    def triggers_from(self, state: str) -> tuple[str, ...]:
+        """The triggers defined for ``state``, in the order :meth:`get_triggers` gives."""
+        names = self._triggers_from.get(state)
+        if names is None:
+            names = tuple(super().get_triggers(state))
+            if state in self.states:  # only the machine's own states: the table stays small
+                self._triggers_from[state] = names
+        return names
+
+    def get_triggers(self, *args: Any) -> list[str]:
+        if len(args) == 1 and isinstance(args[0], str):
+            return list(self.triggers_from(args[0]))
+        return list(super().get_triggers(*args))
+
+
+MACHINE = SagaMachine(
     model=None,
     states=STATES,
     transitions=TRANSITIONS,
@@ -95,7 +131,7 @@ TRIGGERS = sorted({t["trigger"] for t in TRANSITIONS})
 
 
 def allowed_triggers(state: str) -> list[str]:
-    return list(MACHINE.get_triggers(state))
+    return list(MACHINE.triggers_from(state))
 
 
 def fire(saga: Generation, payload: Trigger, *, now: datetime, actor: Actor,
@@ -106,7 +142,7 @@ def fire(saga: Generation, payload: Trigger, *, now: datetime, actor: Actor,
     changed then). Guards that refuse with a reason of their own raise a ``DomainError``.
     """
     trigger = payload.name
-    if trigger not in MACHINE.get_triggers(saga.state):
+    if trigger not in MACHINE.triggers_from(saga.state):
         raise InvalidState(f"cannot {trigger.replace('_', ' ')} a generation in state "
                            f"{saga.state!r}", state=saga.state)
     firing = Firing(payload, now, actor, config)

@@ -7,7 +7,7 @@ and its callbacks stay one class; splitting it would only scatter one state mach
 
 from __future__ import annotations
 
-import uuid
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
@@ -106,7 +106,14 @@ class SagaConfig:
 
 
 def new_id() -> str:
-    return str(uuid.uuid4())
+    """A random (version 4) UUID as text: ``str(uuid.uuid4())`` spelt without the ``UUID``
+    object (which costs twice as much; a generation takes about a dozen ids). The same 122
+    random bits from ``os.urandom``, version nibble 4 and variant bits ``10``."""
+    x = os.urandom(16).hex()
+    return f"{x[:8]}-{x[8:12]}-4{x[13:16]}-{_VARIANT[int(x[16], 16) & 3]}{x[17:20]}-{x[20:]}"
+
+
+_VARIANT = "89ab"  # the RFC 4122 variant: the top two bits of the clock_seq byte are 10
 
 
 @dataclass(eq=False)

@@ -18,11 +18,12 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
+from transitions import Machine
 
 from saga import intents as it
 from saga import triggers as tg
 from saga.errors import InvalidState, UnknownSample
-from saga.machine import STATES, TRIGGERS, allowed_triggers, fire
+from saga.machine import MACHINE, STATES, TRIGGERS, SagaMachine, allowed_triggers, fire
 from saga.model import TERMINAL_STATES as TERMINAL
 from saga.model import Generation, SagaConfig
 from saga.pricing import PLANS, PriceBook, final_output
@@ -283,6 +284,28 @@ def test_machine_declares_the_contract_states_and_triggers() -> None:
 def test_allowed_triggers_match_the_table(state: str) -> None:
     """``allowed_triggers`` (used by the handlers' pre-checks) agrees with the table."""
     assert sorted(allowed_triggers(state)) == sorted(t for s, t in EXPECTED if s == state)
+
+
+@pytest.mark.parametrize("state", [*STATES, "no_such_state"])
+def test_the_trigger_table_answers_what_the_library_scan_answers(state: str) -> None:
+    """``SagaMachine.get_triggers`` (a table) says what ``transitions``' own scan says."""
+    for _ in range(2):  # first from the scan, then from the table
+        assert MACHINE.get_triggers(state) == Machine.get_triggers(MACHINE, state)
+        assert list(MACHINE.triggers_from(state)) == Machine.get_triggers(MACHINE, state)
+    assert "no_such_state" not in MACHINE._triggers_from
+    assert MACHINE.get_triggers(*STATES[:3]) == Machine.get_triggers(MACHINE, *STATES[:3])
+
+
+def test_the_trigger_table_follows_added_and_removed_transitions() -> None:
+    machine = SagaMachine(model=None, states=["a", "b"], initial=None, auto_transitions=False,
+                          transitions=[{"trigger": "go", "source": "a", "dest": "b"}])
+    assert machine.get_triggers("a") == ["go"]
+    machine.add_transition("back", "b", "a")
+    machine.add_transition("stay", "a", None)
+    assert machine.get_triggers("a") == ["go", "stay"]
+    assert machine.get_triggers("b") == ["back"]
+    machine.remove_transition("go")
+    assert machine.get_triggers("a") == ["stay"] == Machine.get_triggers(machine, "a")
 
 
 @pytest.mark.parametrize(("state", "trigger"), sorted(EXPECTED))
