@@ -3,7 +3,7 @@
 * :mod:`.connection` — the topology and the one reconnect loop (one backoff) both
   connections run;
 * :mod:`.publisher` — a ``SelectConnection`` I/O thread, publisher confirms per batch;
-* :mod:`.consumer` — a ``SelectConnection`` I/O thread per queue, work on worker threads;
+* :mod:`.consumer` — a ``BlockingConnection`` per queue, work on a thread pool;
 * :mod:`.broker` — :class:`RabbitBroker`, the :class:`messaging.broker.Broker` they make up.
 """
 

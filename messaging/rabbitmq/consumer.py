@@ -1,9 +1,8 @@
-"""The consumer: a ``SelectConnection`` per queue on an I/O thread that receives and settles.
+"""The consumer: a ``BlockingConnection`` per queue that only receives and settles.
 
 The work (a database transaction) runs on worker threads, which hand the acks back to the
 I/O thread with ``add_callback_threadsafe``, so heartbeats are never starved. The I/O thread
-hands over what one read of the socket brought (one queue put, not one per message: the
-first delivery of a read schedules the hand-over for when the read is processed); a
+hands over what one read of the socket brought (one queue put, not one per message); a
 worker takes what is ready, up to ``max_batch``, without waiting for more, and settles the
 whole batch with one callback once its handler returned (after the commit). What a
 handler's outcome means is decided once, in :func:`messaging.broker.run_handler` /
@@ -11,12 +10,6 @@ handler's outcome means is decided once, in :func:`messaging.broker.run_handler`
 for is left out of the batch's settling; the handler settles it later through its
 ``Delivery.settle`` (one more ``add_callback_threadsafe``), and until then it stays unacked —
 holding a prefetch slot — and is redelivered by the broker if the connection goes first.
-
-It was a ``BlockingConnection`` polled every 0.5 s: each poll armed a timer, each delivery
-and each settle callback went through its event queues, and every ``basic_ack`` flushed the
-socket on its own. The I/O loop here calls back straight from the frames it reads, writes
-acks into its buffer, and sleeps in ``poll`` until the socket, a worker or a heartbeat wakes
-it.
 
 The I/O thread knows which of its channel's deliveries are still unsettled (all of them pass
 through it, on arrival and when settled), so a batch's acks go out as one ``basic_ack`` with
@@ -37,7 +30,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pika
-from pika.channel import Channel
+from pika.adapters.blocking_connection import BlockingChannel
 from pika.spec import Basic, BasicProperties
 
 from messaging.broker import (
@@ -50,7 +43,7 @@ from messaging.broker import (
     run_batch_handler,
     run_handler,
 )
-from messaging.rabbitmq.connection import Reconnecting, declare
+from messaging.rabbitmq.connection import Reconnecting, declare_topology
 from saga.retry import RetryPolicy
 
 log = logging.getLogger(__name__)
@@ -76,7 +69,6 @@ class QueueConsumer:
                 raise TypeError("a handler or a batch_handler is needed")
             one = handler
             batch_handler = lambda deliveries: [run_handler(one, d) for d in deliveries]  # noqa: E731
-        self.url = url
         self.params = pika.URLParameters(url)
         self.queue = queue_name
         self.handler = batch_handler
@@ -93,7 +85,6 @@ class QueueConsumer:
         # The I/O thread's: the session's channel and its deliveries not yet settled.
         self._channel: Any = None
         self._unsettled: set[int] = set()
-        self._conn: pika.SelectConnection | None = None
         self._loop = Reconnecting(f"amqp-consume-{queue_name}", self._session, retry)
 
     def start(self) -> None:
@@ -127,73 +118,36 @@ class QueueConsumer:
             self._work_batch(batch)
 
     def _session(self) -> None:
-        declare(self.url)  # the topology, again on every (re)connect
-        conn = pika.SelectConnection(
-            self.params, on_open_callback=self._on_open,
-            on_open_error_callback=self._on_open_error, on_close_callback=self._on_closed)
-        self._conn = conn
+        conn: pika.BlockingConnection | None = None
         try:
-            if self._loop.stopping.is_set():  # stop() came before the connection existed
-                return
-            conn.ioloop.start()
+            conn = pika.BlockingConnection(self.params)
+            channel = conn.channel()
+            declare_topology(channel)
+            channel.basic_qos(prefetch_count=self.prefetch)
+            self._track(channel)
+            channel.basic_consume(self.queue, functools.partial(self._on_message, conn))
+            self.connected.set()
+            self._loop.connected()
+            log.info("consuming %s", self.queue)
+            while not self._loop.stopping.is_set():
+                conn.process_data_events(time_limit=0.5)
+                if self._arrived:
+                    self._hand_over()
         finally:
-            self._conn = None
             self._arrived = []  # unsettled: the broker redelivers them
             self._track(None)
             self.connected.clear()
-            if conn.is_open:
+            if conn is not None and conn.is_open:
                 with contextlib.suppress(Exception):
                     conn.close()
-            with contextlib.suppress(Exception):
-                conn.ioloop.close()
-
-    # -- on the I/O thread ---------------------------------------------------------------------
-    def _on_open_error(self, conn: pika.SelectConnection, error: BaseException) -> None:
-        log.warning("consumer of %s could not connect: %s", self.queue, error)
-        conn.ioloop.stop()  # the session ends; the loop backs off and tries again
-
-    def _on_closed(self, conn: pika.SelectConnection, reason: Exception) -> None:
-        conn.ioloop.stop()
-
-    def _on_open(self, conn: pika.SelectConnection) -> None:
-        conn.channel(on_open_callback=functools.partial(self._on_channel_open, conn))
-
-    def _on_channel_open(self, conn: pika.SelectConnection, channel: Channel) -> None:
-        channel.add_on_close_callback(functools.partial(self._on_channel_closed, conn))
-        channel.basic_qos(prefetch_count=self.prefetch,
-                          callback=lambda _frame: self._consume(conn, channel))
-
-    def _consume(self, conn: pika.SelectConnection, channel: Channel) -> None:
-        self._track(channel)
-        ioloop = conn.ioloop
-        hand_over = self._hand_over
-
-        def on_delivery(channel: Channel, method: Basic.Deliver, props: BasicProperties,
-                        body: bytes) -> None:
-            if not self._arrived:  # the first of this read: hand over once it is processed
-                ioloop.call_later(0, hand_over)
-            self._on_message(ioloop, channel, method, props, body)
-
-        channel.basic_consume(self.queue, on_delivery)
-        self.connected.set()
-        self._loop.connected()
-        log.info("consuming %s", self.queue)
-
-    def _on_channel_closed(self, conn: pika.SelectConnection, channel: Channel,
-                           reason: Exception) -> None:
-        log.warning("consumer channel of %s closed: %s", self.queue, reason)
-        self.connected.clear()
-        if conn.is_open:  # else the connection is closing: its close callback ends the loop
-            conn.close()  # the session ends; the next one opens a new channel
 
     def _track(self, channel: Any) -> None:
         """On the I/O thread: from now on, count the deliveries of ``channel``."""
         self._channel = channel
         self._unsettled = set()
 
-    def _on_message(self, conn: Any, channel: Channel, method: Basic.Deliver,
-                    props: BasicProperties, body: bytes) -> None:
-        """A delivery arrived; ``conn`` takes the settle callbacks (the I/O loop)."""
+    def _on_message(self, conn: pika.BlockingConnection, channel: BlockingChannel,
+                    method: Basic.Deliver, props: BasicProperties, body: bytes) -> None:
         if channel is self._channel:
             self._unsettled.add(method.delivery_tag)
         headers = dict(props.headers or {})
@@ -209,7 +163,7 @@ class QueueConsumer:
         for n in range(0, len(arrived), self.max_batch):
             self.work.put(arrived[n:n + self.max_batch])
 
-    def _work(self, conn: Any, channel: Any, tag: int,
+    def _work(self, conn: pika.BlockingConnection, channel: BlockingChannel, tag: int,
               delivery: Delivery) -> None:
         self._work_batch([(conn, channel, tag, delivery)])
 
@@ -284,15 +238,6 @@ class QueueConsumer:
 
     def stop(self) -> None:
         self._loop.stop()
-        conn = self._conn
-        if conn is not None:
-            def close() -> None:
-                try:
-                    conn.close()
-                except Exception:  # not open (yet, or any more): end the loop anyway
-                    conn.ioloop.stop()
-            with contextlib.suppress(Exception):  # the loop may already be gone
-                conn.ioloop.add_callback_threadsafe(close)
         self._loop.join()
         for _ in self.workers:
             self.work.put(None)

@@ -17,6 +17,7 @@ from typing import Any
 from unittest import mock
 
 import pytest
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
