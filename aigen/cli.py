@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import gc
 import logging
 import signal
 import socket
@@ -97,6 +98,13 @@ def serve(settings: Settings) -> int:
                 role, _, key = pair.partition(":")
                 print(f"  {role:8} {key}", flush=True)
     runtime.start()
+    # Everything built so far (modules, the app, SQLAlchemy's and pydantic's structures, about
+    # 10^5 objects) lives as long as the process: move it out of the collector's sight. Each
+    # full collection otherwise walks all of it again, and the load's garbage triggers one
+    # every few thousand requests (measured: a fifth of the API's CPU per request).
+    # Garbage made before this point is collected first, so nothing collectable is frozen.
+    gc.collect()
+    gc.freeze()
     base = f"http://{settings.http_host}:{settings.http_port}"
     print(f"Listening on {base}  (API docs: {base}/docs)", flush=True)
     print(f"Support console: {base}/console/  (sign in with the support API key)", flush=True)

@@ -28,6 +28,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.console import console_router
 from api.deps import MAX_BODY_BYTES, ApiDeps
+from api.direct import DirectRoutes
 from api.docs import install_docs
 from api.problems import Problem, problem_response, validation_problem
 from api.routes import accounts, attention, generations, operations
@@ -53,7 +54,9 @@ _NO_TELEMETRY: dict[str, Any] = (
     if "telemetry" in inspect.signature(FastAPI.__init__).parameters else {})
 
 
-def create_app(deps: ApiDeps) -> FastAPI:
+def create_app(deps: ApiDeps, *, direct_routes: bool = True) -> FastAPI:
+    """The application; ``direct_routes=False`` sends every request through FastAPI's router
+    (the tests compare both paths, :mod:`api.direct`)."""
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         # Handlers block on the database; more threads than connections only adds GIL churn.
@@ -73,6 +76,8 @@ def create_app(deps: ApiDeps) -> FastAPI:
     latency = Histogram("aigen_http_request_seconds", "HTTP request latency",
                         ["method", "route", "status"], registry=registry,
                         buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5))
+    if direct_routes:  # added first: the innermost middleware, inside the edge's timing
+        app.add_middleware(DirectRoutes, fastapi_app=app, routes=generations.hot_routes())
     app.add_middleware(_EdgeMiddleware, latency=latency)
     _add_error_handlers(app)
     for router in (generations.router, accounts.router, operations.router):

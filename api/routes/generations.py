@@ -9,6 +9,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import Response
+from fastapi.routing import APIRoute
 
 from api.asset_links import presigned
 from api.deps import (
@@ -120,6 +121,12 @@ async def list_generations(
 async def history(role: SupportRole, generation_id: GenerationId, deps: Deps) -> Any:
     """The saga's full history: transitions, credit steps, messages in and out, refusals."""
     return await query(deps.queries.history, generation_id)
+
+
+def hot_routes() -> list[APIRoute]:
+    """The two calls of every generation, answered by :class:`api.direct.DirectRoutes`."""
+    hot = (start_generation, select_sample)
+    return [r for r in router.routes if isinstance(r, APIRoute) and r.endpoint in hot]
 
 
 def encode_cursor(after: Cursor) -> str:

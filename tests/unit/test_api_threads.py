@@ -52,3 +52,50 @@ def test_the_apps_lifespan_installs_the_pool_of_worker_threads() -> None:
     with TestClient(create_app(deps)) as client:
         assert client.get("/health/ready").status_code == 200
     assert len(seen) == 1 and seen[0].startswith("api-worker"), seen
+
+
+def test_a_cancelled_callers_call_runs_to_its_end_and_the_loops_shutdown_waits() -> None:
+    done: list[str] = []
+    started = threading.Event()
+
+    def commit() -> str:
+        started.set()
+        time.sleep(0.2)
+        done.append("committed")
+        return "ok"
+
+    async def main() -> tuple[bool, list[str]]:
+        install_worker_pool(2)
+        task = asyncio.ensure_future(blocking(commit))
+        await asyncio.get_running_loop().run_in_executor(None, started.wait)
+        task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError:
+            cancelled = True
+        else:
+            cancelled = False
+        return cancelled, list(done)  # the call is still running
+
+    with ThreadPoolExecutor(1) as runner:
+        cancelled, seen_by_the_caller = runner.submit(asyncio.run, main()).result()
+    assert cancelled and seen_by_the_caller == []
+    assert done == ["committed"]  # asyncio.run returned only after the call ended
+
+
+def test_errors_reach_the_caller_and_the_pool_is_bounded() -> None:
+    def fail() -> None:
+        raise ValueError("refused")
+
+    async def main() -> tuple[str, int]:
+        pool = install_worker_pool(2)
+        try:
+            await blocking(fail)
+        except ValueError as exc:
+            message = str(exc)
+        await asyncio.gather(*(blocking(time.sleep, 0.01) for _ in range(10)))
+        return message, len(pool._workers)
+
+    with ThreadPoolExecutor(1) as runner:
+        message, threads = runner.submit(asyncio.run, main()).result()
+    assert message == "refused" and 1 <= threads <= 2
