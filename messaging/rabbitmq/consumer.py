@@ -10,6 +10,13 @@ handler's outcome means is decided once, in :func:`messaging.broker.run_handler`
 for is left out of the batch's settling; the handler settles it later through its
 ``Delivery.settle`` (one more ``add_callback_threadsafe``), and until then it stays unacked —
 holding a prefetch slot — and is redelivered by the broker if the connection goes first.
+
+The I/O thread knows which of its channel's deliveries are still unsettled (all of them pass
+through it, on arrival and when settled), so a batch's acks go out as one ``basic_ack`` with
+``multiple=True`` when no delivery below the batch's highest tag is still open — another
+worker's batch, a deferred retry, one not yet handed over; whatever such a delivery still
+waits for, the batch's acks below it go out as one and the rest one by one. A multiple ack
+never covers a delivery whose transaction has not committed.
 """
 
 from __future__ import annotations
@@ -75,6 +82,9 @@ class QueueConsumer:
         self.workers = [threading.Thread(target=self._worker, name=f"work-{queue_name}-{n}",
                                          daemon=True) for n in range(workers)]
         self.connected = threading.Event()
+        # The I/O thread's: the session's channel and its deliveries not yet settled.
+        self._channel: Any = None
+        self._unsettled: set[int] = set()
         self._loop = Reconnecting(f"amqp-consume-{queue_name}", self._session, retry)
 
     def start(self) -> None:
@@ -114,6 +124,7 @@ class QueueConsumer:
             channel = conn.channel()
             declare_topology(channel)
             channel.basic_qos(prefetch_count=self.prefetch)
+            self._track(channel)
             channel.basic_consume(self.queue, functools.partial(self._on_message, conn))
             self.connected.set()
             self._loop.connected()
@@ -124,13 +135,21 @@ class QueueConsumer:
                     self._hand_over()
         finally:
             self._arrived = []  # unsettled: the broker redelivers them
+            self._track(None)
             self.connected.clear()
             if conn is not None and conn.is_open:
                 with contextlib.suppress(Exception):
                     conn.close()
 
+    def _track(self, channel: Any) -> None:
+        """On the I/O thread: from now on, count the deliveries of ``channel``."""
+        self._channel = channel
+        self._unsettled = set()
+
     def _on_message(self, conn: pika.BlockingConnection, channel: BlockingChannel,
                     method: Basic.Deliver, props: BasicProperties, body: bytes) -> None:
+        if channel is self._channel:
+            self._unsettled.add(method.delivery_tag)
         headers = dict(props.headers or {})
         # A result we republished ourselves (see ResultConsumer) keeps its own routing key.
         key = headers.get(ORIGINAL_ROUTING_KEY)
@@ -151,7 +170,7 @@ class QueueConsumer:
     def _work_batch(self, batch: list[Item]) -> None:
         settlers = []
         for conn, channel, tag, delivery in batch:
-            settler = Settler(functools.partial(_settle_later, conn, channel, tag))
+            settler = Settler(functools.partial(self._settle_later, conn, channel, tag))
             delivery.settle = settler
             settlers.append(settler)
         outcomes = run_batch_handler(self.handler, [item[3] for item in batch])
@@ -166,9 +185,56 @@ class QueueConsumer:
             by_conn.setdefault(id(conn), (conn, []))[1].append((channel, tag, outcome))
         for conn, settles in by_conn.values():
             try:
-                conn.add_callback_threadsafe(functools.partial(_settle, settles))
+                conn.add_callback_threadsafe(functools.partial(self._settle, settles))
             except Exception:
                 log.debug("connection gone before settling %d deliveries", len(settles))
+
+    def _settle_later(self, conn: Any, channel: Any, tag: int, outcome: Disposition) -> None:
+        """From any thread: settle one deferred delivery on its connection's I/O thread."""
+        try:
+            conn.add_callback_threadsafe(functools.partial(self._settle,
+                                                           [(channel, tag, outcome)]))
+        except Exception:
+            log.debug("connection gone before settling deferred delivery %d; the broker "
+                      "redelivers it", tag)
+
+    def _settle(self, settles: list[tuple[Any, int, Disposition]]) -> None:
+        """On the I/O thread: ack what is done, hand back what must be retried."""
+        acks: dict[int, tuple[Any, list[int]]] = {}
+        for channel, tag, outcome in settles:
+            if not channel.is_open:
+                continue  # the broker redelivers it on the next connection
+            if outcome is Disposition.ACK:
+                acks.setdefault(id(channel), (channel, []))[1].append(tag)
+            elif outcome is Disposition.RETRY:
+                if channel is self._channel:
+                    self._unsettled.discard(tag)
+                channel.basic_nack(tag, requeue=True)
+        for channel, tags in acks.values():
+            self._ack(channel, tags)
+
+    def _ack(self, channel: Any, tags: list[int]) -> None:
+        """Ack ``tags`` (each settled once, by its :class:`Settler`): one ``multiple`` ack for
+        those below the lowest delivery of the channel still open, the others one by one.
+        A channel this consumer does not track (a delivery handed in by hand) gets one ack
+        per tag."""
+        if channel is not self._channel:
+            for tag in tags:
+                channel.basic_ack(tag)
+            return
+        unsettled = self._unsettled
+        unsettled.difference_update(tags)
+        floor = min(unsettled, default=None)
+        below = [tag for tag in tags if floor is None or tag < floor]
+        if len(below) > 1:
+            # Every delivery of this channel up to max(below) is settled now or before:
+            # the ones still open are all above it.
+            channel.basic_ack(max(below), multiple=True)
+        elif below:
+            channel.basic_ack(below[0])
+        for tag in tags:
+            if floor is not None and tag > floor:
+                channel.basic_ack(tag)
 
     def stop(self) -> None:
         self._loop.stop()
@@ -178,22 +244,3 @@ class QueueConsumer:
         for worker in self.workers:
             worker.join(timeout=5)
 
-
-def _settle_later(conn: Any, channel: Any, tag: int, outcome: Disposition) -> None:
-    """From any thread: settle one deferred delivery on its connection's I/O thread."""
-    try:
-        conn.add_callback_threadsafe(functools.partial(_settle, [(channel, tag, outcome)]))
-    except Exception:
-        log.debug("connection gone before settling deferred delivery %d; the broker "
-                  "redelivers it", tag)
-
-
-def _settle(settles: list[tuple[Any, int, Disposition]]) -> None:
-    """On the I/O thread: ack what is done, hand back what must be retried."""
-    for channel, tag, outcome in settles:
-        if not channel.is_open:
-            continue  # the broker redelivers it on the next connection
-        if outcome is Disposition.ACK:
-            channel.basic_ack(tag)
-        elif outcome is Disposition.RETRY:
-            channel.basic_nack(tag, requeue=True)

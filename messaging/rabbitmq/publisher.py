@@ -7,6 +7,7 @@ reconnects through :class:`messaging.rabbitmq.connection.Reconnecting`.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import itertools
@@ -64,6 +65,13 @@ class _Outgoing:
     properties: BasicProperties
 
 
+def outgoing(m: OutboundMessage) -> _Outgoing:
+    """What the I/O thread publishes for ``m``."""
+    return _Outgoing(m.exchange, m.routing_key, m.encode(),
+                     properties(m.message_id, m.correlation_id, m.type,
+                                {"traceparent": m.traceparent} if m.traceparent else None))
+
+
 class AsyncPublisher:
     """Publishes from any thread; confirms are awaited per batch, not per message."""
 
@@ -89,11 +97,7 @@ class AsyncPublisher:
         return self._ready.is_set()
 
     def publish(self, messages: Sequence[OutboundMessage]) -> list[bool]:
-        return self._send([_Outgoing(m.exchange, m.routing_key, m.encode(),
-                                     properties(m.message_id, m.correlation_id, m.type,
-                                                {"traceparent": m.traceparent}
-                                                if m.traceparent else None))
-                           for m in messages])
+        return self._send([outgoing(m) for m in messages])
 
     def publish_raw(self, exchange: str, routing_key: str, body: bytes,
                     properties: BasicProperties) -> bool:
@@ -132,6 +136,23 @@ class AsyncPublisher:
                 log.exception("basic_publish failed")
                 self._inflight.pop(tag, None)
                 batch.settle(index, False)
+        self._coalesce_output()
+
+    def _coalesce_output(self) -> None:
+        """Let the batch leave in one socket write instead of three per message.
+
+        pika queues every frame (method, header, body) as a buffer of its own and sends each
+        with a ``send`` call of its own once the socket is writable: 48 system calls for a
+        batch of 16, and as many TCP segments for the broker to read. Joined into one buffer
+        (same bytes, same order; on the I/O thread, between two of pika's sends), the batch
+        costs one. pika keeps the queue on its transport; without it (another pika, a test's
+        stand-in) the frames simply go out as pika queued them.
+        """
+        buffers = getattr(getattr(self._conn, "_transport", None), "_tx_buffers", None)
+        if isinstance(buffers, collections.deque) and len(buffers) > 1:
+            joined = b"".join(buffers)
+            buffers.clear()
+            buffers.append(joined)
 
     def _on_confirm(self, frame: Any) -> None:
         method = frame.method
