@@ -17,7 +17,6 @@ from typing import Any
 from unittest import mock
 
 import pytest
-
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
