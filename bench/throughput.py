@@ -77,6 +77,7 @@ from bench.procstats import (
     tree,
 )
 from persistence.db import normalize_url
+from saga.pricing import PriceBook
 
 KEYS = "service:bench-svc,support:bench-sup"
 HEADERS = {"Authorization": "Bearer bench-svc"}
@@ -724,7 +725,9 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--processes", type=int, default=1, choices=(1, 2),
                         help="aigen serve processes")
-    parser.add_argument("--users", type=int, default=200)
+    parser.add_argument("--users", type=int, default=None,
+                        help="bench users (default: 200, or enough that none passes the free "
+                             "plan's monthly sample rounds)")
     parser.add_argument("--clients", type=int, default=2,
                         help="load-generating processes (one asyncio client is the bottleneck)")
     parser.add_argument("--read-back", action="store_true",
@@ -759,6 +762,15 @@ def main() -> int:
     parser.add_argument("--pg", default=DEFAULT_PG)
     parser.add_argument("--amqp-host", default=DEFAULT_AMQP_HOST)
     args = parser.parse_args()
+    # The bench's users are on the free plan: each may start only so many sample rounds a
+    # month, after which every start is refused (a long run would measure refusals).
+    rounds = PriceBook().free_monthly_sample_rounds
+    if args.users is None:
+        args.users = max(200, -(-args.generations // rounds))
+    elif args.users * rounds < args.generations:
+        parser.error(f"--users {args.users}: the free plan allows {rounds} sample rounds a "
+                     f"user a month, so {args.generations} generations need at least "
+                     f"{-(-args.generations // rounds)} users")
     if not args.timeout:
         args.timeout = 120 + args.generations / 5
 
