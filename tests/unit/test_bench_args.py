@@ -1,6 +1,6 @@
 """The throughput bench refuses a run whose users would pass the free plan's monthly quota.
 
-Past ``users × free_monthly_sample_rounds`` generations every start is refused, so a long run
+Past ``users * free_monthly_sample_rounds`` generations every start is refused, so a long run
 (the 100k memory run) would go on measuring refusals; the bench says so before it starts.
 """
 
