@@ -128,6 +128,7 @@ inbox = Table(
     Column("event_type", String(64), primary_key=True),
     Column("generation_id", String(36), nullable=False),
     Column("received_at", UTCDateTime, nullable=False),
+    Index(None, "received_at"),  # trimming walks it (persistence/housekeeping.py)
 )
 
 idempotency_keys = Table(

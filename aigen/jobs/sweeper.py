@@ -13,7 +13,7 @@ from datetime import datetime
 
 from sqlalchemy import Engine
 
-from persistence.housekeeping import purge
+from persistence.housekeeping import PURGE_BATCH, Purge
 from saga.commands import FireDeadlines
 from saga.effects import utcnow
 from saga.failures import FAILURE_LOG
@@ -31,7 +31,8 @@ class Sweeper:
 
     def __init__(self, bus: MessageBus, engine: Engine, interval: float,
                  reap: Callable[[datetime], int] | None = None,
-                 retry: RetryPolicy | None = None, reap_every_s: float = REAP_EVERY_S) -> None:
+                 retry: RetryPolicy | None = None, reap_every_s: float = REAP_EVERY_S,
+                 purge_batch: int = PURGE_BATCH) -> None:
         self.bus = bus
         # Backoff while a whole sweep fails (database down); one saga's failing firing is
         # handled inside the sweep (its deadline moves, or it is parked) and never ends it.
@@ -43,6 +44,8 @@ class Sweeper:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="deadline-sweeper", daemon=True)
         self._last_purge = -PURGE_EVERY_S
+        self.purge_batch = purge_batch
+        self._purge: Purge | None = None  # the round being trimmed, a step per sweep
         self._last_reap = -reap_every_s
 
     def start(self) -> None:
@@ -72,12 +75,17 @@ class Sweeper:
             if released:
                 log.warning("released %d external holds left pending by a failed request",
                             released)
-        if time.monotonic() - self._last_purge < PURGE_EVERY_S:
-            return
-        self._last_purge = time.monotonic()
-        deleted = purge(self.engine, utcnow())
-        if any(deleted.values()):
-            log.info("housekeeping deleted %s", deleted)
+        if self._purge is None:
+            if time.monotonic() - self._last_purge < PURGE_EVERY_S:
+                return
+            self._last_purge = time.monotonic()
+            self._purge = Purge(utcnow(), self.purge_batch)
+        # One bounded step per sweep, so a backlog never holds up the deadlines.
+        self._purge.step(self.engine)
+        if self._purge.finished:
+            if any(self._purge.deleted.values()):
+                log.info("housekeeping deleted %s", self._purge.deleted)
+            self._purge = None
 
     def stop(self) -> None:
         self._stop.set()
