@@ -13,7 +13,8 @@ with no per-row Python:
   consistent across the tables of one copy);
 * the template user becomes one of ``min(N, 1000)`` preload users, whose accounts are then
   created with the balance and held amounts their journal sums to;
-* timestamps move one second back per copy, so the rows span a realistic history;
+* timestamps are one second apart per copy, the last copy a second older than the
+  template, so the rows span a realistic history and serial ids grow with time;
 * serial ids come from the tables' sequences;
 * what the service's retention would already have trimmed from that history (sent outbox
   rows after a day, answered idempotency keys after two, inbox keys after a week) is deleted
@@ -134,7 +135,9 @@ def _column_expr(c: Any, value: Any) -> str:
     raw = value if isinstance(value, str) else json.dumps(value)
     uuids, user = sorted(set(UUID_RE.findall(raw))), TEMPLATE_USER in raw
     if isinstance(c.type, DateTime):
-        return f"{name} - g * interval '1 second'"
+        # Copy g is (n + 1 - g) seconds older than the template: the later copy, the newer,
+        # so serial ids grow with time as the service's do (the outbox trim walks them).
+        return f"{name} - (CAST(:n AS int) + 1 - g) * interval '1 second'"
     if isinstance(c.type, String | Text):
         return _text_expr(name, uuids, user)
     if isinstance(c.type, JSON) or c.type.__class__.__name__ == "JSONB":
@@ -191,7 +194,8 @@ def bulk_copy(db_url: str, n: int, batch: int = 50_000, workers: int = 2,
                     for lo in range(1 + part * batch, n + 1, batch * workers):
                         hi = min(n, lo + batch - 1)
                         for _name, sql, _k in plans:
-                            worker.execute(text(sql), {"lo": lo, "hi": hi, "users": users})
+                            worker.execute(text(sql), {"lo": lo, "hi": hi, "users": users,
+                                                    "n": n})
                         worker.commit()
                         with lock:
                             done[0] += hi - lo + 1

@@ -101,24 +101,18 @@ def _outbox_step(conn: Connection, now: datetime, after: int | None,
     if after is not None:
         window = window.where(outbox.c.id > after)
     w = window.order_by(outbox.c.id).limit(batch).subquery()
-    upto, newest, seen = conn.execute(
-        select(func.max(w.c.id), func.max(w.c.created_at), func.count())).one()
+    upto, oldest, seen = conn.execute(
+        select(func.max(w.c.id), func.min(w.c.created_at), func.count())).one()
     if not seen:
         return 0, after, False
     in_window = outbox.c.id <= upto if after is None else and_(outbox.c.id > after,
                                                               outbox.c.id <= upto)
     n = conn.execute(delete(outbox).where(in_window, outbox.c.sent_at < cut)).rowcount
-    # A row created after the cut cannot have been sent before it: the walk has reached the
-    # rows that are kept (a row of an older transaction committed late waits for next round).
-    reached_kept = newest is not None and _aware(newest, cut) >= cut
+    # A row created after the cut cannot have been sent before it. Once a whole window is
+    # newer than the cut the walk has reached the rows that are kept: ids grow with time
+    # (a row of a transaction that committed late waits for the next round).
+    reached_kept = oldest is not None and oldest >= cut
     return n, upto, seen == batch and not reached_kept
-
-
-def _aware(value: datetime, like: datetime) -> datetime:
-    """SQLite hands aggregates of timestamps back as naive values (or text)."""
-    if isinstance(value, str):
-        value = datetime.fromisoformat(value)
-    return value if value.tzinfo is not None else value.replace(tzinfo=like.tzinfo)
 
 
 _STEPS: dict[str, Any] = {

@@ -143,3 +143,31 @@ def test_the_sweeper_trims_a_backlog_a_step_per_sweep(sqlite_engine: Engine) -> 
     assert remaining[:3] == [7, 3, 2]  # 4 a sweep, then the round is over
     assert remaining[3:] == [2, 2]  # the next round is an hour away
     assert sweeper._purge is None
+
+
+def test_the_outbox_walk_goes_on_through_windows_that_mix_old_and_kept_rows(
+        engine: Engine) -> None:
+    """Ids grow with time only roughly (transactions commit out of order; a bulk load
+    interleaves): a window holding some rows that are kept does not end the walk, only a
+    window that is all newer than the cut does."""
+    with engine.begin() as conn:
+        for n in range(40):
+            at = NOW - (timedelta(days=3) if n % 2 == 0 else timedelta(hours=1))
+            conn.execute(insert(outbox).values(
+                exchange="x", routing_key="r", message_id=f"m{n}", correlation_id="c",
+                type="t", body="{}", created_at=at, sent_at=at, attempts=0))
+    assert purge(engine, NOW, batch=4)["outbox"] == 20
+    assert _count(engine, outbox) == 20
+
+
+def test_the_outbox_walk_stops_at_the_first_window_newer_than_the_cut(
+        engine: Engine) -> None:
+    _fill(engine, old=6, recent=30)
+    rnd = Purge(NOW, batch=4)
+    outbox_steps = 0
+    while not rnd.finished:
+        outbox_steps += "outbox" in rnd.step(engine)
+    assert rnd.deleted["outbox"] == 6 - 1  # one old row unsent
+    # Windows of 4 by id: old rows, old and recent, then all recent: that ends the walk, and
+    # the rest of the 30 recent rows are not read window after window.
+    assert outbox_steps == 3
