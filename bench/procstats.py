@@ -92,8 +92,29 @@ class Group:
         return total
 
 
+REFERENCE_ITERATIONS = 50_000
+
+
+def reference_slice() -> float:
+    """CPU milliseconds this thread takes for a fixed slice of pure-Python work.
+
+    The same work on the same interpreter, so its time moves only with the machine's speed:
+    on a shared host that speed drifts (seen here: the same slice took 1.0x to 1.8x its
+    fastest time within a minute). A rough gauge: the slice is small and stays in cache, so
+    it sees contention for the core, not for memory, and the service's CPU per generation
+    does not follow it closely; the interleaved ``--compare`` is the fair comparison.
+    """
+    started = time.thread_time()
+    total = 0
+    for i in range(REFERENCE_ITERATIONS):
+        total += i * i
+    return (time.thread_time() - started) * 1000
+
+
 class Sampler(threading.Thread):
-    """Samples the groups' CPU and the service processes' RSS every ``interval`` seconds."""
+    """Samples the groups' CPU and the service processes' RSS every ``interval`` seconds,
+    and times a :func:`reference_slice` at every sample (``speed``: the machine's speed
+    during the run)."""
 
     def __init__(self, groups: dict[str, Group], rss_pids: list[int],
                  interval: float = 1.0) -> None:
@@ -102,6 +123,7 @@ class Sampler(threading.Thread):
         self.rss_pids = rss_pids
         self.interval = interval
         self.rss: list[tuple[float, list[float]]] = []  # (seconds since start, MB per pid)
+        self.speed: list[float] = []  # reference_slice() ms, one per sample
         self.halt = threading.Event()
         self.t0 = time.perf_counter()
 
@@ -120,6 +142,7 @@ class Sampler(threading.Thread):
             for g in self.groups.values():
                 g.sample()
             self._rss()
+            self.speed.append(reference_slice())
 
     def finish(self) -> tuple[dict[str, float], dict[str, float]]:
         """(CPU seconds per group, of which kernel time)."""

@@ -67,6 +67,7 @@ from sqlalchemy import create_engine, text
 from bench.backends import DEFAULT_AMQP_HOST, DEFAULT_PG, scratch_backends, wait_ready
 from bench.launch import read_sql_counts, serve_command
 from bench.procstats import (
+    REFERENCE_ITERATIONS,
     Group,
     Sampler,
     by_name,
@@ -578,6 +579,13 @@ def run_once(args: argparse.Namespace, checkout: Path, label: str) -> dict[str, 
                             if k.startswith("service"))
         result["service_cpu_ms"] = service_total
         print(f"  {'service, all processes':36} {service_total:7.2f} ms")
+        if sampler.speed:
+            speed = sorted(sampler.speed)
+            result["reference_ms"] = statistics.median(speed)
+            print(f"machine speed: a fixed slice of Python ({REFERENCE_ITERATIONS} "
+                  f"multiply-adds, timed every second) took median {statistics.median(speed):.1f}"
+                  f" ms, fastest {speed[0]:.1f}, slowest {speed[-1]:.1f} (n={len(speed)}); a wide "
+                  "spread means a busy host, whose CPU figures drift: compare interleaved runs")
 
         per = max(done, 1)
         pg = {k: (pg_after[k] - pg_before[k]) / per for k in pg_after}
@@ -705,7 +713,7 @@ def summarize(results: list[dict[str, Any]]) -> None:
         by_label[r["label"]].append(r)
     print("\n== summary (median of runs; CPU ms per complete generation) ==")
     print(f"{'checkout':10} {'runs':>4} {'gen/s':>7} {'service':>8} {'pg':>6} {'rabbit':>7} "
-          f"{'loadgen':>8} {'POST p95':>9} {'r->n p99':>9}")
+          f"{'loadgen':>8} {'POST p95':>9} {'r->n p99':>9} {'speed':>6}")
     for label, rs in by_label.items():
         def med(f: Any, rs: list[dict[str, Any]] = rs) -> float:
             return float(statistics.median(f(r) for r in rs))
@@ -715,7 +723,9 @@ def summarize(results: list[dict[str, Any]]) -> None:
               f"{med(lambda r: r['cpu_ms_per_generation']['rabbitmq (beam.smp, shared)']):7.2f} "
               f"{med(lambda r: r['cpu_ms_per_generation']['load generator']):8.2f} "
               f"{med(lambda r: r['api_client_ms']['POST /generations'][95]):9.1f} "
-              f"{med(lambda r: r['result_to_notification_ms'][99]):9.1f}")
+              f"{med(lambda r: r['result_to_notification_ms'][99]):9.1f} "
+              f"{med(lambda r: r.get('reference_ms', float('nan'))):6.1f}")
+    print("speed: median ms of the fixed Python slice during the runs (lower is faster)")
 
 
 def main() -> int:
