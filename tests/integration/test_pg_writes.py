@@ -9,7 +9,8 @@ reservation and an exceeded quota leave nothing behind on PostgreSQL.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+import json
+from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Any
 
@@ -22,6 +23,7 @@ from persistence.uow import SqlUnitOfWork
 from saga import intents as it
 from saga.commands import Grant, SetPlan
 from saga.errors import ConcurrencyConflict, InsufficientCredits, QuotaExceeded
+from saga.messages import OutboundMessage
 from saga.model import Generation, new_id
 from saga.ports import HoldRequest, IdempotencyRace, IdempotencyRecord
 from tests.conftest import World
@@ -63,6 +65,57 @@ def test_a_full_run_writes_the_same_rows_on_both_databases(pg_world: World,
     assert len(on_pg["events"]) > 10 and len(on_pg["journal"]) == 5  # grant + 4 moves
     (balance, held), = [(b, h) for _, b, h in on_pg["accounts"]]
     assert held == 0 and balance == sum(j[1] for j in on_pg["journal"])
+
+
+AWKWARD = ("it's \"quoted\", back\\slashed, 100% %s %(x)s, line\nbreak, tab\t, "
+           "\u00e9\u4e2d\U0001f600")
+SHORT = "'\"\\%s\u00e9\U0001f600"  # fits a varchar(32) column
+
+
+def written(engine: Engine) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
+    with engine.connect() as conn:
+        events = [(r.generation_id, r.seq, r.at, r.kind, r.trigger, r.from_state, r.to_state,
+                   r.actor, r.detail, r.trace_id)
+                  for r in conn.execute(select(generation_events)
+                                        .order_by(generation_events.c.seq))]
+        messages = [(r.exchange, r.routing_key, r.message_id, r.correlation_id, r.type,
+                     r.body, r.created_at, r.attempts, r.sent_at, r.traceparent)
+                    for r in conn.execute(select(outbox).order_by(outbox.c.id))]
+    return events, messages
+
+
+def test_history_and_outbox_rows_come_back_exactly_as_written(
+        pg_engine: Engine, sqlite_engine: Engine) -> None:
+    """PostgreSQL sends a command's history and outbox rows as one JSON parameter: every
+    value (quotes, backslashes, percent signs, non-ASCII, NULLs, timestamps with and
+    without microseconds or in another zone, integers beyond 64 bits) reads back as on
+    SQLite, and outbox ids follow the order of the adds."""
+    plus_two = timezone(timedelta(hours=2))
+    times = [NOW, NOW.replace(microsecond=123456), datetime(2026, 3, 1, 14, 0, 0, 1, plus_two)]
+    for engine in (pg_engine, sqlite_engine):
+        with SqlUnitOfWork(engine) as uow:
+            gid = "g-exact"
+            for seq, at in enumerate(times, 1):
+                uow.history.append(gid, seq, at, it.HistoryEntry(
+                    kind="note", actor="support", trigger=SHORT if seq == 1 else None,
+                    from_state=None, to_state="queued" if seq == 2 else None,
+                    detail={"text": AWKWARD, "big": 2**70, "nested": [{"n": None}, 1.5]},
+                    trace_id="0af7651916cd43dd8448eb211c80319c" if seq == 3 else None))
+            for n, at in enumerate(times):
+                uow.outbox.add(OutboundMessage(
+                    exchange="x", routing_key=f"rk.{n}", message_id=f"m-{n}",
+                    correlation_id=gid, type="t", body={"text": AWKWARD, "n": n},
+                    traceparent=None if n else "00-0af7651916cd43dd8448eb211c80319c-"
+                                                "b7ad6b7169203331-01"), at)
+            uow.commit()
+    on_pg, on_sqlite = written(pg_engine), written(sqlite_engine)
+    assert on_pg == on_sqlite
+    events, messages = on_pg
+    assert [e[2] for e in events] == times  # the same instants
+    assert events[0][4] == SHORT
+    assert events[0][8]["text"] == AWKWARD and events[0][8]["big"] == 2**70
+    assert [m[2] for m in messages] == ["m-0", "m-1", "m-2"]
+    assert json.loads(messages[0][5]) == {"text": AWKWARD, "n": 0}
 
 
 def saga(user: str = "u-1") -> Generation:
