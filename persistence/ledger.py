@@ -14,7 +14,7 @@ from typing import Any, Protocol
 
 from sqlalchemy import Connection, bindparam, func, insert, select, update
 
-from persistence.sql import insert_ignore, json_records
+from persistence.sql import insert_ignore
 from persistence.tables import accounts, holds, journal
 from saga.errors import InsufficientCredits, QuotaExceeded
 from saga.ports import Account, HoldRequest
@@ -159,12 +159,13 @@ class LedgerWrites:
             reserving = sum(1 for user in users if self.moves[user][3])
             checks.append(("am WHERE chk", reserving,
                            LedgerOutOfStep("an account moved under its lock")))
-        if self.new_holds:  # one JSON parameter (persistence.sql.json_records)
+        if self.new_holds:
             ctes.append("hi AS (INSERT INTO holds (hold_id, user_id, generation_id, stage, "
-                        "amount_cents, status, month, created_at) SELECT r->>0, r->>1, r->>2, "
-                        "r->>3, (r->>4)::bigint, 'open', r->>5, (r->>6)::timestamptz "
-                        "FROM json_array_elements(%s::json) AS r)")
-            params.append(json_records(self.new_holds))
+                        "amount_cents, status, month, created_at) VALUES "
+                        + ", ".join(["(%s, %s, %s, %s, %s, 'open', %s, %s)"]
+                                    * len(self.new_holds)) + ")")
+            for row in self.new_holds:
+                params += row
         if self.closed_holds:
             ctes.append("hc AS (UPDATE holds SET status = v.st, settled_at = v.at FROM (VALUES "
                         + ", ".join(["(%s, %s, %s::timestamptz)"] * len(self.closed_holds))
@@ -176,12 +177,13 @@ class LedgerWrites:
             params += [row[0] for row in self.closed_holds]
             checks.append(("hc", len(self.closed_holds),
                            LedgerOutOfStep("a hold locked open was not open")))
-        if self.journal:  # in list order, so journal ids follow the moves
+        if self.journal:
             ctes.append("j AS (INSERT INTO journal (user_id, at, kind, balance_delta_cents, "
-                        "held_delta_cents, hold_id, generation_id, reason) SELECT r->>0, "
-                        "(r->>1)::timestamptz, r->>2, (r->>3)::bigint, (r->>4)::bigint, r->>5, "
-                        "r->>6, r->>7 FROM json_array_elements(%s::json) AS r)")
-            params.append(json_records(self.journal))
+                        "held_delta_cents, hold_id, generation_id, reason) VALUES "
+                        + ", ".join(["(%s, %s, %s, %s, %s, %s, %s, %s)"] * len(self.journal))
+                        + ")")
+            for row in self.journal:
+                params += row
         self.moves, self.new_holds, self.closed_holds, self.journal = {}, [], [], []
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime
 from typing import Any
 
 import orjson
@@ -28,29 +27,6 @@ def json_dumps(value: Any) -> str:
 
 def json_loads(raw: str | bytes) -> Any:
     return orjson.loads(raw)
-
-
-def json_records(rows: list[Any]) -> str:
-    """Rows as one JSON array, for ``json_to_recordset(%s::json)`` (objects) or
-    ``json_array_elements(%s::json)`` (arrays).
-
-    A multi-row INSERT then travels as one parameter instead of one per value: psycopg2
-    quotes each parameter on the client (about 1 us apiece, 2 us for a datetime), and
-    PostgreSQL parses one literal instead of hundreds. Values are str, int, float, None,
-    JSON-able dicts and lists, and aware datetimes, written in RFC 3339, which
-    ``timestamptz`` reads back exactly. Integers beyond 64 bits, which orjson refuses, take
-    the standard library (PostgreSQL then refuses them for a ``bigint`` as before).
-    """
-    try:
-        return orjson.dumps(rows, option=_ORJSON_OPTIONS).decode()
-    except TypeError:
-        return json.dumps(rows, default=_isoformat)
-
-
-def _isoformat(value: Any) -> str:
-    if isinstance(value, datetime):
-        return value.isoformat()
-    raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
 _INSERT_IGNORE: dict[tuple[str, str], Any] = {}

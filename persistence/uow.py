@@ -22,7 +22,7 @@ from persistence.attention import (
 )
 from persistence.dead_letters import SqlDeadLetters
 from persistence.ledger import LedgerWrites, LockedAccount, SqlLedger
-from persistence.sql import insert_ignore, json_dumps, json_records
+from persistence.sql import insert_ignore, json_dumps
 from persistence.tables import generation_events, generations, idempotency_keys, inbox, outbox
 from saga import intents as it
 from saga.errors import ConcurrencyConflict, UnloadableSaga
@@ -434,19 +434,10 @@ class SqlIdempotency:
 _GEN_COLS = "id, user_id, state, version, created_at, updated_at, due_at, body"
 _EVENT_COLS = ('generation_id, seq, at, kind, "trigger", from_state, to_state, actor, detail, '
                "trace_id")
-# History and outbox rows arrive as one JSON parameter (persistence.sql.json_records); the
-# function scan yields them in array order, so outbox ids follow the order of the adds.
-_INSERT_EVENTS_CTE = (
-    f"e AS (INSERT INTO generation_events ({_EVENT_COLS}) SELECT {_EVENT_COLS} "
-    "FROM json_to_recordset(%s::json) AS r (generation_id text, seq integer, at timestamptz, "
-    'kind text, "trigger" text, from_state text, to_state text, actor text, detail jsonb, '
-    "trace_id text))")
+_EVENT_ROW = "(%s, %s, %s, %s, %s, %s, %s, %s, %s::jsonb, %s)"
 _OUTBOX_COLS = ("exchange, routing_key, message_id, correlation_id, type, body, created_at, "
-                "traceparent")
-_INSERT_OUTBOX_CTE = (
-    f"o AS (INSERT INTO outbox ({_OUTBOX_COLS}, attempts) SELECT {_OUTBOX_COLS}, 0 "
-    "FROM json_to_recordset(%s::json) AS r (exchange text, routing_key text, message_id text, "
-    "correlation_id text, type text, body text, created_at timestamptz, traceparent text))")
+                "attempts, traceparent")
+_OUTBOX_ROW = "(%s, %s, %s, %s, %s, %s, %s, 0, %s)"
 
 
 class PendingWrites:
@@ -507,11 +498,19 @@ class PendingWrites:
                 params += [state, version, updated_at, due_at, body, saga_id, expected]
             checks.append((f"g{n}", 1, ConcurrencyConflict(saga_id)))
         if self.history.pending:
-            ctes.append(_INSERT_EVENTS_CTE)
-            params.append(json_records(self.history.pending))
+            ctes.append(f"e AS (INSERT INTO generation_events ({_EVENT_COLS}) VALUES "
+                        + ", ".join([_EVENT_ROW] * len(self.history.pending)) + ")")
+            for h in self.history.pending:
+                params += [h["generation_id"], h["seq"], h["at"], h["kind"], h["trigger"],
+                           h["from_state"], h["to_state"], h["actor"], json_dumps(h["detail"]),
+                           h["trace_id"]]
         if self.outbox.pending:
-            ctes.append(_INSERT_OUTBOX_CTE)
-            params.append(json_records(self.outbox.pending))
+            ctes.append(f"o AS (INSERT INTO outbox ({_OUTBOX_COLS}) VALUES "
+                        + ", ".join([_OUTBOX_ROW] * len(self.outbox.pending)) + ")")
+            for o in self.outbox.pending:
+                params += [o["exchange"], o["routing_key"], o["message_id"],
+                           o["correlation_id"], o["type"], o["body"], o["created_at"],
+                           o["traceparent"]]
         self.ledger.ctes(ctes, params, checks)
         for n, (record, values) in enumerate(self.keys):
             ctes.append(f'k{n} AS (INSERT INTO idempotency_keys (scope, "key", request_hash, '

@@ -86,10 +86,10 @@ def written(engine: Engine) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]
 
 def test_history_and_outbox_rows_come_back_exactly_as_written(
         pg_engine: Engine, sqlite_engine: Engine) -> None:
-    """PostgreSQL sends a command's history and outbox rows as one JSON parameter: every
-    value (quotes, backslashes, percent signs, non-ASCII, NULLs, timestamps with and
-    without microseconds or in another zone, integers beyond 64 bits) reads back as on
-    SQLite, and outbox ids follow the order of the adds."""
+    """The one-statement write on PostgreSQL: every history and outbox value (quotes,
+    backslashes, percent signs, non-ASCII, NULLs, timestamps with and without microseconds
+    or in another zone, integers beyond 64 bits) reads back as on SQLite, and outbox ids
+    follow the order of the adds (the relay publishes in id order)."""
     plus_two = timezone(timedelta(hours=2))
     times = [NOW, NOW.replace(microsecond=123456), datetime(2026, 3, 1, 14, 0, 0, 1, plus_two)]
     for engine in (pg_engine, sqlite_engine):
