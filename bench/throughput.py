@@ -581,9 +581,9 @@ def run_once(args: argparse.Namespace, checkout: Path, label: str) -> dict[str, 
         print(f"  {'service, all processes':36} {service_total:7.2f} ms")
         if sampler.speed:
             speed = sorted(sampler.speed)
-            result["reference_ms"] = statistics.median(speed)
+            result["reference_ms"] = median = statistics.median(speed)
             print(f"machine speed: a fixed slice of Python ({REFERENCE_ITERATIONS} "
-                  f"multiply-adds, timed every second) took median {statistics.median(speed):.1f}"
+                  f"multiply-adds, timed every second) took median {median:.1f}"
                   f" ms, fastest {speed[0]:.1f}, slowest {speed[-1]:.1f} (n={len(speed)}); a wide "
                   "spread means a busy host, whose CPU figures drift: compare interleaved runs")
 
